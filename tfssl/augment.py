@@ -1,0 +1,181 @@
+"""Image views, applied per image inside ``tf.data`` (never inside the model).
+
+Every view maps one uint8 image [H, W, C] to float32 [S, S, C] in [0, 1].
+Because views run per element, random choices (RandAugment's ops, crop boxes,
+colour jitter) are drawn per image, not per batch. Built from Keras 3
+preprocessing layers plus ``tf.image`` for what Keras lacks (random-resized
+crop, cutout, apply-with-probability).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+View = Callable[[tf.Tensor], tf.Tensor]
+
+
+def to_float(image: tf.Tensor, size: Optional[int] = None) -> tf.Tensor:
+    """uint8 -> float32 in [0, 1], resized to ``size`` squares if given."""
+    x = tf.cast(image, tf.float32) / 255.0
+    if size is not None and (x.shape[0] != size or x.shape[1] != size):
+        x = tf.image.resize(x, [size, size], antialias=True)
+        x = tf.clip_by_value(x, 0.0, 1.0)
+    return x
+
+
+def identity(size: int) -> View:
+    """No augmentation: the evaluation view (resize only)."""
+    return lambda image: to_float(image, size)
+
+
+def random_apply(fn: View, p: float) -> View:
+    """Applies ``fn`` with probability ``p`` (a per-image coin)."""
+    if p >= 1.0:
+        return fn
+    if p <= 0.0:
+        return lambda x: x
+    return lambda x: tf.cond(tf.random.uniform([]) < p, lambda: fn(x), lambda: x)
+
+
+def random_resized_crop(image: tf.Tensor, size: int,
+                        scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+    """Inception-style crop: a box of area fraction in ``scale`` and aspect ratio
+    in ``ratio`` (whole image if none fits in 10 tries), resized to size x size.
+
+    Args:
+      image: float32 [H, W, C].
+    Returns:
+      float32 [size, size, C].
+    """
+    begin, box_size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]),
+        min_object_covered=0.0, aspect_ratio_range=list(ratio),
+        area_range=list(scale), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, box_size)
+    out = tf.image.resize(crop, [size, size], antialias=True)
+    return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def cutout(image: tf.Tensor, max_fraction: float = 0.5, fill: float = 0.5) -> tf.Tensor:
+    """Fills a square of side v * H (v ~ U(0, max_fraction)) at a random centre
+    with ``fill`` (FixMatch's Cutout). image: float32 [H, W, C]."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    side = tf.cast(tf.random.uniform([], 0.0, max_fraction) * tf.cast(h, tf.float32), tf.int32)
+    cy = tf.random.uniform([], 0, h, dtype=tf.int32)
+    cx = tf.random.uniform([], 0, w, dtype=tf.int32)
+    y0, y1 = tf.maximum(cy - side // 2, 0), tf.minimum(cy - side // 2 + side, h)
+    x0, x1 = tf.maximum(cx - side // 2, 0), tf.minimum(cx - side // 2 + side, w)
+    ys = tf.range(h)[:, None]
+    xs = tf.range(w)[None, :]
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    return tf.where(inside[..., None], tf.cast(fill, image.dtype), image)
+
+
+def _rgb(fn: View, channels: int) -> View:
+    """Runs an RGB-only op on a grayscale image (tiled to 3 channels, averaged back)."""
+    if channels == 3:
+        return fn
+    return lambda x: tf.reduce_mean(fn(tf.tile(x, [1, 1, 3])), axis=-1, keepdims=True)
+
+
+def weak(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = None,
+         resized_crop_scale: Optional[Sequence[float]] = None) -> View:
+    """Weak view: horizontal flip + reflect-pad-and-crop (``pad`` pixels, default
+    size/8), or a random-resized crop when ``resized_crop_scale`` is given."""
+    flip_layer = keras.layers.RandomFlip("horizontal") if flip else None
+    pad = max(1, size // 8) if pad is None else pad
+    crop_layer = keras.layers.RandomCrop(size, size)
+
+    def view(image):
+        x = to_float(image)
+        if resized_crop_scale is not None:
+            x = random_resized_crop(x, size, resized_crop_scale)
+        else:
+            x = to_float(image, size)
+            if pad > 0:
+                x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+                x = crop_layer(x, training=True)
+        if flip_layer is not None:
+            x = flip_layer(x, training=True)
+        x.set_shape([size, size, channels])
+        return x
+    return view
+
+
+def strong(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = None,
+           num_ops: int = 2, magnitude: float = 0.5, cutout_fraction: float = 0.5) -> View:
+    """Strong view: the weak view, then RandAugment (``num_ops`` ops drawn per
+    image, Keras magnitude ``magnitude`` in [0, 1]), then Cutout."""
+    base = weak(size, channels, flip=flip, pad=pad)
+    ra = keras.layers.RandAugment(value_range=(0, 1), num_ops=num_ops, factor=magnitude)
+    randaugment = _rgb(lambda x: ra(x, training=True), channels)
+
+    def view(image):
+        x = tf.clip_by_value(randaugment(base(image)), 0.0, 1.0)
+        if cutout_fraction > 0:
+            x = cutout(x, cutout_fraction)
+        x.set_shape([size, size, channels])
+        return x
+    return view
+
+
+def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.8,
+                  grayscale_p: float = 0.2, blur_p: float = 0.5,
+                  solarize_p: float = 0.0) -> View:
+    """SimCLR colour distortion on a float [0, 1] image: colour jitter
+    (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur, solarize."""
+    s = strength
+    jitter = keras.layers.RandomColorJitter(
+        value_range=(0, 1), brightness_factor=0.8 * s, contrast_factor=0.8 * s,
+        saturation_factor=(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s) if channels == 3 else None,
+        hue_factor=0.2 * s if channels == 3 else None)
+    gray = keras.layers.RandomGrayscale(factor=grayscale_p)
+    blur = keras.layers.RandomGaussianBlur(factor=1.0, kernel_size=3, sigma=(0.1, 2.0),
+                                           value_range=(0, 1))
+    solar = keras.layers.Solarization(threshold_factor=(0.5, 0.5), value_range=(0, 1))
+    steps = [random_apply(lambda x: jitter(x, training=True), jitter_p)]
+    if channels == 3 and grayscale_p > 0:
+        steps.append(lambda x: gray(x, training=True))
+    if blur_p > 0:
+        steps.append(random_apply(lambda x: blur(x, training=True), blur_p))
+    if solarize_p > 0:
+        steps.append(random_apply(lambda x: solar(x, training=True), solarize_p))
+
+    def view(x):
+        for step in steps:
+            x = step(x)
+        return tf.clip_by_value(x, 0.0, 1.0)
+    return view
+
+
+def simclr(size: int, channels: int = 3, scale: Sequence[float] = (0.2, 1.0),
+           flip: bool = True, **colour_kwargs) -> View:
+    """SimCLR view: random-resized crop + flip + colour distortion."""
+    flip_layer = keras.layers.RandomFlip("horizontal") if flip else None
+    colour = simclr_colour(channels, **colour_kwargs)
+
+    def view(image):
+        x = random_resized_crop(to_float(image), size, scale)
+        if flip_layer is not None:
+            x = flip_layer(x, training=True)
+        x = colour(x)
+        x.set_shape([size, size, channels])
+        return x
+    return view
+
+
+def multicrop(global_size: int, local_size: int, num_global: int = 2, num_local: int = 6,
+              channels: int = 3, global_scale: Sequence[float] = (0.14, 1.0),
+              local_scale: Sequence[float] = (0.05, 0.14), flip: bool = True,
+              **colour_kwargs) -> Dict[str, View]:
+    """Multi-crop views: ``global_0..`` at ``global_size`` and ``local_0..`` at
+    ``local_size``, each a SimCLR view with its own crop scale."""
+    views = {f"global_{i}": simclr(global_size, channels, global_scale, flip, **colour_kwargs)
+             for i in range(num_global)}
+    views.update({f"local_{i}": simclr(local_size, channels, local_scale, flip, **colour_kwargs)
+                  for i in range(num_local)})
+    return views

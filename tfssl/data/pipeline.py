@@ -1,0 +1,98 @@
+"""Multi-view tf.data pipelines for ``model.fit``.
+
+The training stream's elements are dicts::
+
+    {"labeled":   {<view name>: float32 [B, S, S, C], ..., "label": int64 [B], "index": int64 [B]},
+     "unlabeled": {<view name>: float32 [B_u, S, S, C], ..., "label": int64 [B_u], "index": int64 [B_u]}}
+
+``unlabeled`` is present when ``unlabeled_batch_size > 0``. ``unlabeled.label``
+is the true label where the data has one (-1 otherwise): for diagnostics only
+(pseudo-label accuracy, neighbour purity), never for a loss. Batch sizes are
+GLOBAL: under a strategy Keras splits each batch across replicas in order.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfssl import augment
+from tfssl.data.sources import Source
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _apply_views(views: Dict[str, augment.View]):
+    def fn(e):
+        out = {name: view(e["image"]) for name, view in views.items()}
+        out["label"] = e["label"]
+        out["index"] = e["index"]
+        return out
+    return fn
+
+
+def _stream(ds: tf.data.Dataset, views, batch_size: int, seed: int, buffer: int,
+            cache: bool) -> tf.data.Dataset:
+    if cache:
+        ds = ds.cache()
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(_apply_views(views), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def semi_supervised(source: Source, labeled_ids: np.ndarray,
+                    labeled_views: Dict[str, augment.View], batch_size: int,
+                    unlabeled_views: Optional[Dict[str, augment.View]] = None,
+                    unlabeled_batch_size: int = 0,
+                    include_labeled_in_unlabeled: bool = True,
+                    seed: int = 0, shuffle_buffer: int = 50_000) -> tf.data.Dataset:
+    """An infinite stream of labeled (+ unlabeled) multi-view batches.
+
+    Args:
+      source: the dataset source.
+      labeled_ids: int [n_l] indices of the labeled train images.
+      labeled_views: view name -> view fn for labeled images (e.g. ``{"weak": ...}``).
+      batch_size: global labeled batch B (the labeled set repeats to fill it).
+      unlabeled_views: view name -> view fn for unlabeled images.
+      unlabeled_batch_size: global unlabeled batch B_u (0: labeled only).
+      include_labeled_in_unlabeled: the unlabeled stream includes the labeled
+        images (as SimMatch/FixMatch/PAWS do) unless False (MixMatch's convention).
+      seed: shuffling seed (order is deterministic for a seed).
+      shuffle_buffer: shuffle buffer size (capped at the stream's size).
+
+    Returns:
+      ``tf.data.Dataset`` of the dicts described in the module docstring.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+    small = source.train_arrays is not None
+    n_l = len(labeled_ids)
+    labeled = _stream(source.subset(labeled_ids), labeled_views, batch_size, seed,
+                      min(shuffle_buffer, n_l), cache=True)
+    if not unlabeled_batch_size:
+        return tf.data.Dataset.zip({"labeled": labeled}).prefetch(AUTOTUNE)
+    if include_labeled_in_unlabeled:
+        unl = source.train()
+        n_u = source.num_train
+    else:
+        keep = np.setdiff1d(np.arange(source.num_train), labeled_ids)
+        unl = source.subset(keep)
+        n_u = len(keep)
+    extra = source.extra_unlabeled()
+    if extra is not None:
+        unl = unl.concatenate(extra)
+        n_u += source.num_extra_unlabeled
+    unlabeled = _stream(unl, unlabeled_views, unlabeled_batch_size, seed + 1,
+                        min(shuffle_buffer, n_u), cache=small)
+    return tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled}).prefetch(AUTOTUNE)
+
+
+def evaluation(ds: tf.data.Dataset, size: int, batch_size: int = 256) -> tf.data.Dataset:
+    """Batches ``{"image": float [B, S, S, C] in [0, 1], "label", "index"}``
+    without augmentation, for test accuracy, kNN and feature extraction."""
+    view = augment.identity(size)
+    return ds.map(lambda e: {"image": view(e["image"]), "label": e["label"],
+                             "index": e["index"]},
+                  num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)

@@ -1,0 +1,34 @@
+"""Training-time evaluation callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from tfssl.evaluation.knn import knn_accuracy
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Adds ``knn_top1`` (cosine kNN of the test set against the labeled train
+    set, on encoder features) to the epoch logs every ``every`` epochs.
+
+    Place it before TensorBoard/CSV callbacks so they record the value.
+    """
+
+    def __init__(self, bank: tf.data.Dataset, queries: tf.data.Dataset, num_classes: int,
+                 k: int = 200, t: float = 0.1, every: int = 1, use_ema: bool = False):
+        super().__init__()
+        self.bank, self.queries = bank, queries
+        self.num_classes, self.k, self.t, self.every = num_classes, k, t, every
+        self.use_ema = use_ema
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        ctx = self.model.ema_applied() if self.use_ema else contextlib.nullcontext()
+        with ctx:
+            logs["knn_top1"] = knn_accuracy(self.model.encoder, self.bank, self.queries,
+                                            self.num_classes, self.k, self.t)
+

@@ -1,0 +1,75 @@
+"""Serving SavedModels for the encoder and the classifier.
+
+``serving_default`` takes ``images``: uint8 [B, H, W, C] of any H, W; it
+resizes to the model's input size and scales to [0, 1] in-graph (the
+encoder's own layer then normalises), and returns ``{"features": [B, D]}``
+(encoder) or ``{"probabilities": [B, C], "features": [B, D]}`` (classifier).
+The SavedModels load with ``tf.saved_model.load`` without tfssl installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Optional
+
+import keras
+import tensorflow as tf
+
+
+def _preprocess(images, size):
+    x = tf.cast(images, tf.float32) / 255.0
+    return tf.image.resize(x, size, antialias=True)
+
+
+def _write(models, fn, channels, path):
+    archive = keras.export.ExportArchive()
+    for m in models:
+        archive.track(m)
+    archive.add_endpoint(
+        name="serving_default", fn=fn,
+        input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
+    archive.write_out(path, verbose=False)
+    return path
+
+
+def export_encoder(encoder: keras.Model, path: str) -> str:
+    """Writes the encoder's serving SavedModel to ``path``."""
+    h, w, c = encoder.input_shape[1:]
+
+    def serve(images):
+        feats = encoder(_preprocess(images, [h, w]), training=False)
+        return {"features": tf.cast(feats, tf.float32)}
+    return _write([encoder], serve, c, path)
+
+
+def export_classifier(encoder: keras.Model, head: keras.layers.Layer, path: str) -> str:
+    """Writes the classifier's serving SavedModel (probabilities and features)."""
+    h, w, c = encoder.input_shape[1:]
+
+    def serve(images):
+        feats = tf.cast(encoder(_preprocess(images, [h, w]), training=False), tf.float32)
+        logits = tf.cast(head(feats), tf.float32)
+        return {"probabilities": tf.nn.softmax(logits, -1), "features": feats}
+    return _write([encoder, head], serve, c, path)
+
+
+def export_model(model, export_dir: str, use_ema: bool = False) -> Dict[str, str]:
+    """Exports ``model.encoder`` (and its classifier, if any) under ``export_dir``.
+
+    Args:
+      model: an ``SSLModel``.
+      export_dir: e.g. ``saved_models/<run>``; gets ``encoder/`` and ``classifier/``.
+      use_ema: export the EMA weights (for methods that evaluate with them).
+
+    Returns: {"encoder": path, "classifier": path (if the model has a head)}.
+    """
+    os.makedirs(export_dir, exist_ok=True)
+    paths = {}
+    with (model.ema_applied() if use_ema else contextlib.nullcontext()):
+        paths["encoder"] = export_encoder(model.encoder, os.path.join(export_dir, "encoder"))
+        if getattr(model, "head", None) is not None:
+            paths["classifier"] = export_classifier(
+                model.encoder, model.head, os.path.join(export_dir, "classifier"))
+    return paths
+

@@ -1,0 +1,152 @@
+"""Backbones: functional Keras models from images to a feature vector.
+
+Every backbone maps float32 [B, H, W, C] (already normalised) to [B, D] after
+global average pooling. ``norm`` picks the normalisation: ``batch`` (per
+replica), ``sync_batch`` (statistics over the global batch under a strategy:
+what makes N replicas equal one device), or ``none``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+from keras import layers
+
+NORMS = ("batch", "sync_batch", "none")
+
+
+def _norm(norm: str, momentum: float = 0.9, epsilon: float = 1e-5, name=None):
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}.")
+    if norm == "none":
+        return layers.Identity(name=name)
+    return layers.BatchNormalization(momentum=momentum, epsilon=epsilon,
+                                     synchronized=(norm == "sync_batch"), name=name)
+
+
+def _conv(filters, kernel, stride=1, name=None):
+    return layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                         kernel_initializer="he_normal", name=name)
+
+
+def small_cnn(input_shape: Sequence[int] = (8, 8, 1), width: int = 32,
+              norm: str = "batch", name: str = "small_cnn") -> keras.Model:
+    """A 4-conv network for tiny images (the digits default): two 3x3 conv-BN-ReLU
+    at ``width``, 2x2 max-pool, two at ``2 * width``, global average pool.
+    Output: [B, 2 * width]."""
+    x = inp = keras.Input(shape=tuple(input_shape))
+    for i, f in enumerate([width, width, 2 * width, 2 * width]):
+        x = _conv(f, 3, name=f"conv{i}")(x)
+        x = _norm(norm, name=f"bn{i}")(x)
+        x = layers.ReLU()(x)
+        if i == 1:
+            x = layers.MaxPool2D(2, padding="same")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, x, name=name)
+
+
+def _basic_block(x, filters, stride, norm, name):
+    shortcut = x
+    y = _conv(filters, 3, stride, name=f"{name}_conv1")(x)
+    y = layers.ReLU()(_norm(norm, name=f"{name}_bn1")(y))
+    y = _conv(filters, 3, 1, name=f"{name}_conv2")(y)
+    y = _norm(norm, name=f"{name}_bn2")(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _conv(filters, 1, stride, name=f"{name}_down")(x)
+        shortcut = _norm(norm, name=f"{name}_down_bn")(shortcut)
+    return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def _bottleneck(x, filters, stride, norm, name):
+    shortcut = x
+    y = _conv(filters, 1, 1, name=f"{name}_conv1")(x)
+    y = layers.ReLU()(_norm(norm, name=f"{name}_bn1")(y))
+    y = _conv(filters, 3, stride, name=f"{name}_conv2")(y)
+    y = layers.ReLU()(_norm(norm, name=f"{name}_bn2")(y))
+    y = _conv(4 * filters, 1, 1, name=f"{name}_conv3")(y)
+    y = _norm(norm, name=f"{name}_bn3")(y)
+    if stride != 1 or x.shape[-1] != 4 * filters:
+        shortcut = _conv(4 * filters, 1, stride, name=f"{name}_down")(x)
+        shortcut = _norm(norm, name=f"{name}_down_bn")(shortcut)
+    return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def resnet(depth: int = 18, input_shape: Sequence[int] = (224, 224, 3),
+           cifar_stem: bool = False, norm: str = "batch") -> keras.Model:
+    """ResNet-18/34 (basic blocks) or ResNet-50 (bottlenecks), He et al. 2016.
+
+    ``cifar_stem``: 3x3 stride-1 first conv and no max-pool (for 32x32 images);
+    otherwise the 7x7 stride-2 conv + 3x3 stride-2 max-pool stem.
+    Output: [B, 512] (18/34) or [B, 2048] (50).
+    """
+    plans = {18: ([2, 2, 2, 2], _basic_block), 34: ([3, 4, 6, 3], _basic_block),
+             50: ([3, 4, 6, 3], _bottleneck)}
+    if depth not in plans:
+        raise ValueError(f"ResNet depth must be one of {sorted(plans)}, got {depth}.")
+    blocks, block = plans[depth]
+    x = inp = keras.Input(shape=tuple(input_shape))
+    if cifar_stem:
+        x = _conv(64, 3, 1, name="stem_conv")(x)
+        x = layers.ReLU()(_norm(norm, name="stem_bn")(x))
+    else:
+        x = _conv(64, 7, 2, name="stem_conv")(x)
+        x = layers.ReLU()(_norm(norm, name="stem_bn")(x))
+        x = layers.MaxPool2D(3, strides=2, padding="same")(x)
+    for stage, (n, filters) in enumerate(zip(blocks, [64, 128, 256, 512])):
+        for b in range(n):
+            stride = 2 if (b == 0 and stage > 0) else 1
+            x = block(x, filters, stride, norm, name=f"stage{stage + 1}_block{b}")
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, x, name=f"resnet{depth}")
+
+
+def wide_resnet(depth: int = 28, width: int = 2, input_shape: Sequence[int] = (32, 32, 3),
+                norm: str = "batch", bn_momentum: float = 0.999,
+                leaky_slope: float = 0.1) -> keras.Model:
+    """WideResNet-depth-width (Zagoruyko & Komodakis 2016) as in MixMatch/FixMatch:
+    pre-activation blocks, LeakyReLU(0.1), BN momentum 0.999 (PyTorch's 0.001).
+    WRN-28-2 has about 1.47M parameters. Output: [B, 64 * width]."""
+    if (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n+4, got {depth}.")
+    n = (depth - 4) // 6
+    act = lambda: layers.LeakyReLU(negative_slope=leaky_slope)
+    bn = lambda name: _norm(norm, momentum=bn_momentum, epsilon=1e-3, name=name)
+    x = inp = keras.Input(shape=tuple(input_shape))
+    x = _conv(16, 3, name="stem_conv")(x)
+    for stage, filters in enumerate([16 * width, 32 * width, 64 * width]):
+        for b in range(n):
+            stride = 2 if (b == 0 and stage > 0) else 1
+            name = f"stage{stage + 1}_block{b}"
+            pre = act()(bn(f"{name}_bn1")(x))
+            # The first block of the network activates the shortcut too.
+            shortcut_in = pre if (b == 0) else x
+            y = _conv(filters, 3, stride, name=f"{name}_conv1")(pre)
+            y = act()(bn(f"{name}_bn2")(y))
+            y = _conv(filters, 3, 1, name=f"{name}_conv2")(y)
+            if stride != 1 or x.shape[-1] != filters:
+                shortcut = _conv(filters, 1, stride, name=f"{name}_down")(shortcut_in)
+            else:
+                shortcut = x
+            x = layers.Add()([y, shortcut])
+    x = act()(bn("final_bn")(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, x, name=f"wrn{depth}_{width}")
+
+
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "wrn28_2", "wrn28_8")
+
+
+def get_backbone(name: str, input_shape: Sequence[int], norm: str = "batch",
+                 cifar_stem: Optional[bool] = None) -> keras.Model:
+    """A backbone by ``--backbone`` name. ``cifar_stem`` defaults to True for
+    images of 64 px or less (ResNets only)."""
+    if cifar_stem is None:
+        cifar_stem = input_shape[0] <= 64
+    if name == "small_cnn":
+        return small_cnn(input_shape, norm=norm)
+    if name in ("resnet18", "resnet50"):
+        return resnet(int(name[6:]), input_shape, cifar_stem=cifar_stem, norm=norm)
+    if name in ("wrn28_2", "wrn28_8"):
+        return wide_resnet(28, int(name[-1]), input_shape, norm=norm)
+    raise ValueError(f"--backbone={name!r} is not one of {BACKBONES}.")

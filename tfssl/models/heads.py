@@ -1,0 +1,41 @@
+"""Projector / predictor MLP heads and the encoder wrapper."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import layers
+
+
+def mlp(dims: Sequence[int], input_dim: int, batch_norm: bool = False,
+        last_batch_norm: bool = False, activation: str = "relu",
+        name: str = "mlp") -> keras.Model:
+    """Dense -> [BN] -> act ... -> Dense(dims[-1]) -> [BN].
+
+    E.g. SimMatch/ASCL projector ``mlp([2048, 128], d)``; PAWS projector
+    ``mlp([h, h, out], d, batch_norm=True)``; BYOL predictor
+    ``mlp([512, 128], d, batch_norm=True)``. Input [B, input_dim] -> [B, dims[-1]].
+    """
+    x = inp = keras.Input(shape=(input_dim,))
+    for i, d in enumerate(dims):
+        last = i == len(dims) - 1
+        x = layers.Dense(d, use_bias=not (batch_norm and not last) and not (last and last_batch_norm),
+                         name=f"dense{i}")(x)
+        if (batch_norm and not last) or (last and last_batch_norm):
+            x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
+        if not last:
+            x = layers.Activation(activation)(x)
+    return keras.Model(inp, x, name=name)
+
+
+def encoder(backbone: keras.Model, mean: Sequence[float], std: Sequence[float],
+            name: str = "encoder") -> keras.Model:
+    """Images in [0, 1] -> (x - mean) / std -> backbone -> features [B, D].
+
+    The normalisation lives in the encoder so that exported models and the
+    training pipeline cannot disagree on it.
+    """
+    inp = keras.Input(shape=backbone.input_shape[1:])
+    norm = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")
+    return keras.Model(inp, backbone(norm(inp)), name=name)
