@@ -32,3 +32,22 @@ class KNNMonitor(keras.callbacks.Callback):
             logs["knn_top1"] = knn_accuracy(self.model.encoder, self.bank, self.queries,
                                             self.num_classes, self.k, self.t)
 
+
+
+class TestAccuracy(keras.callbacks.Callback):
+    """Adds ``val_top1`` / ``val_loss`` from ``model.evaluate(test)`` every
+    ``every`` epochs, optionally with the EMA weights loaded (Keras's own
+    ``validation_data`` cannot swap weights)."""
+
+    def __init__(self, test: tf.data.Dataset, every: int = 1, use_ema: bool = True):
+        super().__init__()
+        self.test, self.every, self.use_ema = test, every, use_ema
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        ctx = self.model.ema_applied() if self.use_ema else contextlib.nullcontext()
+        with ctx:
+            res = self.model.evaluate(self.test, verbose=0, return_dict=True)
+        logs["val_top1"] = float(res["top1"])
+        logs["val_loss"] = float(res["loss"])

@@ -20,12 +20,12 @@ The base gives it:
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
-from tfssl import distribute
+from tfssl import augment, distribute
 
 
 class SSLModel(keras.Model):
@@ -66,6 +66,28 @@ class SSLModel(keras.Model):
             self.eval_top1 = keras.metrics.SparseCategoricalAccuracy(name="top1")
             self._eval_trackers = [self.eval_loss, self.eval_top1]
         self._ema_pairs = []
+        # Sub-layers are built here (encoder given built, head built above);
+        # subclasses build theirs in __init__ too, so fit() never needs a
+        # symbolic build from a batch.
+        self.built = True
+
+    # ------------------------------------------------------- construction
+    @classmethod
+    def views(cls, opts: Dict) -> Tuple[Dict, Optional[Dict]]:
+        """The method's (labeled, unlabeled) views, given the dataset's weak-view
+        options (``tfssl.train.view_options``). Default: labeled weak only."""
+        return {"weak": augment.weak(**opts)}, None
+
+    @classmethod
+    def from_args(cls, encoder: keras.Model, source, **kwargs) -> "SSLModel":
+        """Builds the method for ``source`` (a ``tfssl.data.Source``) from plain
+        keyword arguments (what ``scripts/train.py`` collects from its flags)."""
+        return cls(encoder=encoder, num_classes=source.num_classes, **kwargs)
+
+    @property
+    def evaluate_with_ema(self) -> bool:
+        """Whether evaluation and export use the EMA weights."""
+        return bool(self._ema_pairs)
 
     # ----------------------------------------------------------------- state
     def state_variable(self, name: str, shape, dtype="float32", initializer="zeros"):

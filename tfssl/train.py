@@ -1,0 +1,281 @@
+"""The training program behind ``scripts/train.py``.
+
+It takes a ``TrainConfig`` (one field per flag; the flags are parsed only in
+the script), checks it, and runs: source -> split -> views -> ``model.fit``
+(with auto-resume, TensorBoard, kNN monitor, test accuracy) -> final
+evaluation -> export -> ``<workdir>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One field per ``scripts/train.py`` flag (same names, same meaning)."""
+
+    method: str = "supervised"
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    manual_dir: Optional[str] = None
+    download: bool = False
+    image_size: Optional[int] = None
+    workdir: str = "runs/default"
+    epochs: int = 30
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 64
+    unlabeled_batch_size: Optional[int] = None
+    labels_per_class: Optional[int] = 4
+    label_fraction: Optional[float] = None
+    include_labeled_in_unlabeled: bool = True
+    seed: int = 0
+    backbone: str = "auto"
+    norm: str = "batch"
+    optimizer: str = "sgd"
+    learning_rate: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    lr_schedule: str = "cosine"
+    ema_decay: Optional[float] = None
+    strategy: str = "auto"
+    num_cpu_devices: int = 1
+    mixed_precision: bool = False
+    knn_k: int = 200
+    knn_t: float = 0.1
+    eval_every: int = 1
+    export_dir: Optional[str] = "saved_models"
+    verbose: int = 2
+    method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag for any value that cannot work.
+        Runs before any data is read or any TensorFlow device is touched."""
+        from tfssl import distribute, methods
+        from tfssl.data.sources import DATASETS, TFDS_SPECS
+        from tfssl.models.backbones import BACKBONES, NORMS
+
+        methods.get(self.method)
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("--dataset=folder needs --data_dir=<folder of class subfolders>.")
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ValueError(f"--data_dir={self.data_dir!r} does not exist.")
+        if TFDS_SPECS.get(self.dataset, {}).get("manual") and self.download:
+            if not self.manual_dir or not os.path.isdir(self.manual_dir):
+                raise ValueError(
+                    f"--dataset={self.dataset} --download needs --manual_dir=<folder with "
+                    f"the downloaded archives>; got {self.manual_dir!r}.")
+        for name in ("epochs", "batch_size", "eval_every", "knn_k"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"--steps_per_epoch must be positive, got {self.steps_per_epoch}.")
+        if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 0:
+            raise ValueError(f"--unlabeled_batch_size must be >= 0, got {self.unlabeled_batch_size}.")
+        if (self.labels_per_class is None) == (self.label_fraction is None):
+            raise ValueError("Give exactly one of --labels_per_class and --label_fraction.")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ValueError(f"--labels_per_class must be >= 1, got {self.labels_per_class}.")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise ValueError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
+        if self.backbone != "auto" and self.backbone not in BACKBONES:
+            raise ValueError(f"--backbone={self.backbone!r} is not one of {('auto',) + BACKBONES}.")
+        if self.norm not in NORMS:
+            raise ValueError(f"--norm={self.norm!r} is not one of {NORMS}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs + (self.warmup_epochs == 0):
+            raise ValueError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}.")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.strategy not in distribute.STRATEGIES:
+            raise ValueError(f"--strategy={self.strategy!r} is not one of {distribute.STRATEGIES}.")
+        if self.strategy == "multi_worker":
+            raise ValueError(distribute.MULTI_WORKER_REFUSAL)
+        if self.num_cpu_devices < 1:
+            raise ValueError(f"--num_cpu_devices must be >= 1, got {self.num_cpu_devices}.")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"--image_size must be >= 8, got {self.image_size}.")
+
+    @property
+    def run_name(self) -> str:
+        return os.path.basename(os.path.normpath(self.workdir))
+
+
+def auto_backbone(image_shape) -> str:
+    """small_cnn for tiny images (digits), WRN-28-2 up to 32 px, ResNet-18 up
+    to 96 px, ResNet-50 above."""
+    side = image_shape[0]
+    if side <= 16:
+        return "small_cnn"
+    if side <= 32:
+        return "wrn28_2"
+    if side <= 96:
+        return "resnet18"
+    return "resnet50"
+
+
+def view_options(dataset: str, image_shape) -> Dict[str, Any]:
+    """Per-dataset weak-view settings: no flip for digits and SVHN (flipping
+    changes the symbol), pad size/8, random-resized crop for ImageNet-scale."""
+    side, _, channels = image_shape
+    opts = dict(size=side, channels=channels, flip=dataset not in ("digits", "svhn_cropped"),
+                pad=max(1, side // 8))
+    if side > 96:
+        opts.update(pad=None, resized_crop_scale=(0.08, 1.0))
+    return opts
+
+
+def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
+    import keras
+
+    if cfg.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup_steps else cfg.learning_rate,
+            decay_steps=max(1, total_steps - warmup_steps),
+            warmup_target=cfg.learning_rate if warmup_steps else None,
+            warmup_steps=warmup_steps)
+    else:
+        lr = cfg.learning_rate
+    wd = cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=wd)
+    elif cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(lr)
+    else:
+        opt = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    if wd:
+        # No decay on biases and normalisation parameters.
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return opt
+
+
+def run(cfg: TrainConfig) -> Dict[str, Any]:
+    """Trains, evaluates and exports as ``cfg`` says; returns the summary dict
+    (also written to ``<workdir>/summary.json``)."""
+    cfg.validate()
+    from tfssl import distribute
+
+    distribute.configure_cpu_devices(cfg.num_cpu_devices)
+
+    import keras
+    import tensorflow as tf
+
+    from tfssl import data, evaluation, export, methods, models
+
+    strategy = distribute.make_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+    method_cls = methods.get(cfg.method)
+    source = data.get_source(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.image_size,
+                             cfg.download)
+    labeled_ids = data.labeled_split(source.train_labels, source.num_classes,
+                                     cfg.labels_per_class, cfg.label_fraction, cfg.seed)
+    labeled_views, unlabeled_views = method_cls.views(view_options(cfg.dataset, source.image_shape))
+    b_u = cfg.unlabeled_batch_size
+    if b_u is None:
+        b_u = 7 * cfg.batch_size if unlabeled_views else 0
+    if not unlabeled_views:
+        b_u = 0
+    for flag, b in (("batch_size", cfg.batch_size), ("unlabeled_batch_size", b_u)):
+        if b % replicas:
+            raise ValueError(f"--{flag}={b} (global) does not divide by the {replicas} "
+                             f"replicas of --strategy={cfg.strategy}.")
+    os.makedirs(cfg.workdir, exist_ok=True)
+    data.write_labeled_ids(cfg.workdir, labeled_ids, source.train_labels, cfg.seed)
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_dtype_policy(
+            "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
+    keras.utils.set_random_seed(cfg.seed)
+
+    train_ds = data.semi_supervised(
+        source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
+        include_labeled_in_unlabeled=cfg.include_labeled_in_unlabeled, seed=cfg.seed)
+    n_stream = source.num_train + source.num_extra_unlabeled
+    steps = cfg.steps_per_epoch or max(1, math.ceil(n_stream / (b_u or cfg.batch_size)))
+    side = source.image_shape[0]
+    eval_bs = 256
+    test_ds = data.evaluation(source.test(), side, eval_bs)
+    bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs)
+
+    with strategy.scope():
+        backbone_name = cfg.backbone if cfg.backbone != "auto" else auto_backbone(source.image_shape)
+        backbone = models.get_backbone(backbone_name, source.image_shape, norm=cfg.norm)
+        encoder = models.encoder(backbone, source.mean, source.std)
+        kwargs = dict(cfg.method_args)
+        if cfg.ema_decay is not None:
+            kwargs["ema_decay"] = cfg.ema_decay
+        model = method_cls.from_args(encoder=encoder, source=source, **kwargs)
+        model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps))
+
+    use_ema = model.evaluate_with_ema
+    has_head = getattr(model, "head", None) is not None
+    callbacks = [evaluation.KNNMonitor(bank_ds, test_ds, source.num_classes, cfg.knn_k,
+                                       cfg.knn_t, cfg.eval_every, use_ema=use_ema),
+                 *([evaluation.TestAccuracy(test_ds, cfg.eval_every)] if use_ema and has_head
+                   else []),
+                 keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, "backup")),
+                 keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
+                 keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True)]
+    step0 = int(model.optimizer.iterations.numpy())
+    start = time.time()
+    history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps,
+                        validation_data=test_ds if has_head and not use_ema else None,
+                        validation_freq=cfg.eval_every, callbacks=callbacks, verbose=cfg.verbose)
+    train_seconds = time.time() - start
+    global_steps = int(model.optimizer.iterations.numpy())
+    run_steps = global_steps - step0
+
+    metrics: Dict[str, float] = {}
+    with (model.ema_applied() if use_ema else contextlib.nullcontext()):
+        if has_head:
+            metrics["test_top1"] = float(model.evaluate(test_ds, verbose=0, return_dict=True)["top1"])
+        metrics["knn_top1"] = evaluation.knn_accuracy(model.encoder, bank_ds, test_ds,
+                                                      source.num_classes, cfg.knn_k, cfg.knn_t)
+        if not has_head:
+            metrics["linear_probe_top1"] = evaluation.linear_probe_accuracy(
+                model.encoder, bank_ds, test_ds, source.num_classes, seed=cfg.seed)
+    export_paths = {}
+    if cfg.export_dir:
+        export_paths = export.export_model(model, os.path.join(cfg.export_dir, cfg.run_name),
+                                           use_ema=use_ema)
+    summary = {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "num_labeled": int(len(labeled_ids)),
+        "epochs_completed": int(cfg.epochs),
+        "global_steps": global_steps,
+        "metrics": metrics,
+        "evaluated_weights": "ema" if use_ema else "online",
+        "train_seconds": train_seconds,
+        "images_per_second": (run_steps * (cfg.batch_size + b_u) / train_seconds
+                              if train_seconds > 0 and run_steps else 0.0),
+        "export": export_paths,
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "flags": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "backbone": backbone_name,
+        "replicas": replicas,
+    }
+    with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary
+
