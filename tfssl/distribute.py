@@ -38,8 +38,8 @@ def configure_cpu_devices(num_devices: int) -> None:
     current = tf.config.get_logical_device_configuration(cpus[0])
     if current is not None and len(current) == num_devices:
         return
-    if num_devices == 1 and current is None:
-        return
+    if num_devices == 1:
+        return  # one device is always available, however the CPU is split
     try:
         tf.config.set_logical_device_configuration(
             cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices

@@ -203,7 +203,9 @@ def tfds_source(name: str, data_dir: Optional[str] = None,
     if spec.get("extra"):
         extra = lambda: load(spec["extra"]).map(
             lambda e: {"image": e["image"], "label": -tf.ones_like(e["label"])})
-        num_extra = int(builder.info.splits[spec["extra"]].num_examples)
+        num_extra = int(load(spec["extra"], skip_decoding=True).cardinality())
+        if num_extra < 0:  # unknown cardinality: count the records
+            num_extra = int(load(spec["extra"], skip_decoding=True).reduce(0, lambda n, _: n + 1))
     return Source(
         name=name, num_classes=num_classes, image_shape=(size, size, channels),
         train_labels=labels, mean=tuple(stats["mean"]), std=tuple(stats["std"]),

@@ -1,0 +1,90 @@
+"""2 logical CPU replicas == 1 device, and the loss-scaling rule behind it."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl import distribute, methods, models, testing
+
+
+def _batches(n=3, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, [n * batch, 8, 8, 1]).astype("float32")
+    y = rng.integers(0, 10, [n * batch]).astype("int64")
+    return tf.data.Dataset.from_tensor_slices(
+        {"labeled": {"weak": x, "label": y, "index": np.arange(n * batch)}}).batch(batch)
+
+
+def _build(ema=None, optimizer="sgd"):
+    def build():
+        enc = models.encoder(models.small_cnn((8, 8, 1), width=8, norm="sync_batch"),
+                             (0.5,), (0.25,))
+        m = methods.Supervised(enc, 10, ema_decay=ema)
+        opt = (keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
+               else keras.optimizers.Adam(1e-2))
+        m.compile(optimizer=opt)
+        return m
+    return build
+
+
+def test_two_replicas_match_one_device_sgd_with_ema():
+    one, many = testing.assert_replicas_match(_build(ema=0.9), _batches(), steps=3)
+    assert any(k.endswith("ema_0") for k in one)
+    assert [v for k, v in one.items() if k.endswith("iteration")] == [3]
+
+
+def test_two_replicas_match_one_device_adam():
+    testing.assert_replicas_match(_build(optimizer="adam"), _batches(), steps=3)
+
+
+def test_unscaled_loss_would_double_the_update():
+    """The harness can fail: without 1/num_replicas the 2-replica step differs."""
+    strategy = testing.mirrored_cpu_strategy(2)
+    with strategy.scope():
+        v = tf.Variable(1.0)
+        opt = keras.optimizers.SGD(1.0)
+        opt.build([v])
+
+    def step(scale):
+        with tf.GradientTape() as tape:
+            loss = v * 1.0
+            if scale:
+                loss = distribute.scale_loss(loss)
+        opt.apply(tape.gradient(loss, [v]), [v])
+
+    strategy.run(step, args=(False,))
+    assert v.numpy() == pytest.approx(-1.0)  # summed: 1 - 2 * 1
+    v.assign(1.0)
+    strategy.run(step, args=(True,))
+    assert v.numpy() == pytest.approx(0.0)  # scaled: 1 - 1
+
+
+def test_all_gather_and_mean_across_replicas():
+    strategy = testing.mirrored_cpu_strategy(2)
+
+    def fn():
+        rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+        x = tf.fill([2], tf.cast(rid, tf.float32))
+        return distribute.all_gather(x), distribute.all_reduce_mean(x)
+
+    gathered, mean = strategy.run(fn)
+    np.testing.assert_array_equal(strategy.experimental_local_results(gathered)[1], [0, 0, 1, 1])
+    np.testing.assert_allclose(strategy.experimental_local_results(mean)[0], [0.5, 0.5])
+    # One device: identity.
+    np.testing.assert_array_equal(distribute.all_gather(tf.ones([3])), np.ones(3))
+
+
+def test_strategy_choices():
+    assert distribute.make_strategy("default").num_replicas_in_sync == 1
+    assert distribute.make_strategy("mirrored").num_replicas_in_sync == 2
+    with pytest.raises(ValueError, match="multi_worker"):
+        distribute.make_strategy("multi_worker")
+    with pytest.raises(ValueError, match="is not one of"):
+        distribute.make_strategy("horovod")
+
+
+def test_harness_catches_a_method_that_forgets_loss_scaling(monkeypatch):
+    monkeypatch.setattr(distribute, "scale_loss", lambda loss: loss)
+    with pytest.raises(AssertionError, match="replicas != 1 device"):
+        testing.assert_replicas_match(_build(), _batches(), steps=2)

@@ -1,0 +1,86 @@
+"""Test harness shared by every method's tests.
+
+``assert_replicas_match`` trains the same model twice from the same
+initialisation on the same global batches, once on one device and once under
+``MirroredStrategy`` over N logical CPU devices, and checks that every weight
+(trainable, non-trainable state such as queues and banks, optimizer slots) is
+equal to float tolerance, and identical on all replicas.
+
+The process must have split its CPU into >= N logical devices before
+TensorFlow initialised (``tfssl.distribute.configure_cpu_devices``; the test
+suite's conftest does it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def mirrored_cpu_strategy(num_replicas: int = 2) -> tf.distribute.MirroredStrategy:
+    """MirroredStrategy over the first ``num_replicas`` logical CPU devices."""
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) < num_replicas:
+        raise RuntimeError(
+            f"{num_replicas} logical CPU devices needed, {len(cpus)} configured: call "
+            "tfssl.distribute.configure_cpu_devices before TensorFlow initialises.")
+    return tf.distribute.MirroredStrategy([d.name for d in cpus[:num_replicas]],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def train_steps(build_model: Callable[[], keras.Model], dataset: tf.data.Dataset,
+                strategy: tf.distribute.Strategy, steps: int, seed: int = 0):
+    """Builds (seeded) and compiles under ``strategy``, fits ``steps`` steps on
+    ``dataset`` (global batches). Returns (model, {variable path: value})."""
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        model = build_model()
+    model.fit(dataset.take(steps), epochs=1, steps_per_epoch=steps, verbose=0)
+    return model, snapshot(model, strategy)
+
+
+def snapshot(model: keras.Model, strategy=None) -> Dict[str, np.ndarray]:
+    """Every model and optimizer variable (in order); checks mirrored copies agree."""
+    out = {}
+    variables: List = list(model.weights)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    for v in variables:
+        tv = getattr(v, "value", v)
+        if strategy is not None and strategy.num_replicas_in_sync > 1:
+            locals_ = [np.asarray(x) for x in strategy.experimental_local_results(tv)]
+            for i, x in enumerate(locals_[1:], 1):
+                np.testing.assert_allclose(
+                    x, locals_[0], rtol=1e-5, atol=1e-6,
+                    err_msg=f"{v.path}: replica {i} differs from replica 0")
+        # Keyed by position (auto-named layers and models get new unique
+        # names in each build) plus the path without its first component.
+        out[f"{len(out):04d}:{v.path.split('/', 1)[-1]}"] = np.asarray(v.numpy())
+    return out
+
+
+def assert_replicas_match(build_model: Callable[[], keras.Model], dataset: tf.data.Dataset,
+                          steps: int = 3, num_replicas: int = 2, rtol: float = 1e-4,
+                          atol: float = 1e-5, seed: int = 0):
+    """Asserts N-replica training == one-device training after ``steps`` steps.
+
+    Args:
+      build_model: returns a compiled model; called inside each strategy scope.
+        Use synchronised BN (``norm="sync_batch"``) where the model has BN:
+        per-replica BN statistics are a different algorithm.
+      dataset: GLOBAL batches (batch size divisible by ``num_replicas``), the
+        same every time it is iterated (no random augmentation).
+    Returns:
+      (one-device snapshot, N-replica snapshot) for further method checks.
+    """
+    one_model, one = train_steps(build_model, dataset, tf.distribute.get_strategy(), steps, seed)
+    many_model, many = train_steps(build_model, dataset, mirrored_cpu_strategy(num_replicas),
+                                   steps, seed)
+    assert set(one) == set(many), sorted(set(one) ^ set(many))
+    for path in one:
+        np.testing.assert_allclose(many[path], one[path], rtol=rtol, atol=atol,
+                                   err_msg=f"{path}: {num_replicas} replicas != 1 device")
+    return one, many
