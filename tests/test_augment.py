@@ -1,0 +1,83 @@
+"""Views: shapes, ranges, and per-image randomness."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl import augment
+
+
+def _image(h=32, w=32, c=3, seed=0):
+    return tf.constant(np.random.default_rng(seed).integers(0, 256, [h, w, c]), tf.uint8)
+
+
+def _check(x, size, c):
+    assert x.shape == (size, size, c) and x.dtype == tf.float32
+    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 1.0
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_every_view_has_its_shape_and_range(c):
+    img = _image(c=c)
+    _check(augment.identity(32)(img), 32, c)
+    _check(augment.weak(32, c)(img), 32, c)
+    _check(augment.weak(24, c, resized_crop_scale=(0.2, 1.0))(img), 24, c)
+    _check(augment.strong(32, c)(img), 32, c)
+    _check(augment.simclr(16, c, solarize_p=0.5)(img), 16, c)
+    crops = augment.multicrop(32, 12, 2, 3, channels=c)
+    assert sorted(crops) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
+    _check(crops["global_1"](img), 32, c)
+    _check(crops["local_2"](img), 12, c)
+
+
+def test_views_run_in_tf_data_with_per_image_randomness():
+    img = _image()
+    ds = tf.data.Dataset.from_tensors(img).repeat(16).map(augment.strong(32, 3, cutout_fraction=0))
+    outs = np.stack(list(ds.as_numpy_iterator()))
+    distinct = {np.round(o, 4).tobytes() for o in outs}
+    assert len(distinct) >= 12  # ops and magnitudes drawn per image, not once per batch
+
+
+def test_weak_view_is_a_translation_of_the_image():
+    img = _image(8, 8, 1)
+    x = augment.weak(8, 1, flip=False, pad=1)(img).numpy()[..., 0]
+    base = img.numpy()[..., 0] / 255.0
+    # The centre 6x6 of the input appears in the output shifted by at most 1 px.
+    hits = [np.allclose(x[1 + dy:7 + dy, 1 + dx:7 + dx], base[1:7, 1:7], atol=1e-6)
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    assert any(hits)
+
+
+def test_cutout_fills_a_square_with_grey():
+    tf.random.set_seed(1)
+    x = tf.ones([16, 16, 3])
+    found = False
+    for _ in range(20):
+        y = augment.cutout(x, 0.5).numpy()
+        filled = np.all(y == 0.5, axis=-1)
+        if filled.any():
+            ys, xs = np.nonzero(filled)
+            # a rectangle (clipped square): every cell of its bounding box is filled
+            assert filled[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+            assert np.ptp(ys) + 1 <= 8 and np.ptp(xs) + 1 <= 8
+            found = True
+        assert set(np.unique(y)) <= {0.5, 1.0}
+    assert found
+
+
+def test_random_resized_crop_area_fraction():
+    tf.random.set_seed(0)
+    x = tf.reshape(tf.range(100 * 100, dtype=tf.float32) / 1e4, [100, 100, 1])
+    for _ in range(5):
+        out = augment.random_resized_crop(x, 10, scale=(0.2, 0.3), ratio=(0.9, 1.1)).numpy()
+        # A ~45-55 px square crop of a ramp whose rows step by 0.01: the output's
+        # first and last rows are ~0.9 * side rows apart (whole image: ~0.9).
+        span_rows = out[-1, 0, 0] - out[0, 0, 0]
+        assert 0.3 < span_rows < 0.6
+
+
+def test_random_apply_probability():
+    tf.random.set_seed(0)
+    f = augment.random_apply(lambda x: x + 1.0, 0.3)
+    hits = np.mean([float(f(tf.zeros([]))) for _ in range(400)])
+    assert 0.22 < hits < 0.38

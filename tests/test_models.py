@@ -1,0 +1,53 @@
+"""Backbones and heads: output shapes and sizes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl import models
+
+
+@pytest.mark.parametrize("name,shape,dim", [
+    ("small_cnn", (8, 8, 1), 64),
+    ("resnet18", (32, 32, 3), 512),
+    ("resnet50", (64, 64, 3), 2048),
+    ("wrn28_2", (32, 32, 3), 128),
+])
+def test_backbone_output_shapes(name, shape, dim):
+    net = models.get_backbone(name, shape)
+    out = net(tf.zeros((2,) + shape), training=False)
+    assert out.shape == (2, dim)
+
+
+def test_resnet_stems():
+    assert models.resnet(18, (32, 32, 3), cifar_stem=True).get_layer("stage1_block0_conv1").output.shape[1] == 32
+    assert models.resnet(18, (64, 64, 3), cifar_stem=False).get_layer("stage1_block0_conv1").output.shape[1] == 16
+
+
+def test_wide_resnet_28_2_has_about_1_5m_parameters():
+    net = models.wide_resnet(28, 2, (32, 32, 3))
+    n = sum(int(np.prod(v.shape)) for v in net.trainable_variables)
+    assert 1.4e6 < n < 1.55e6
+    assert any(l.__class__.__name__ == "LeakyReLU" for l in net.layers)
+    bns = [l for l in net.layers if l.__class__.__name__ == "BatchNormalization"]
+    assert bns and all(b.momentum == 0.999 for b in bns)
+
+
+def test_wrn28_8_is_wider():
+    assert models.get_backbone("wrn28_8", (32, 32, 3)).output_shape == (None, 512)
+
+
+def test_bad_backbone_and_norm():
+    with pytest.raises(ValueError, match="--backbone='vgg'"):
+        models.get_backbone("vgg", (32, 32, 3))
+    with pytest.raises(ValueError, match="norm="):
+        models.small_cnn(norm="layer")
+
+
+def test_mlp_heads_and_encoder_normalisation():
+    head = models.mlp([32, 16], input_dim=8, batch_norm=True)
+    assert head(tf.zeros([4, 8])).shape == (4, 16)
+    assert sum("bn" in l.name for l in head.layers) == 1
+    enc = models.encoder(models.small_cnn((8, 8, 1), norm="none"), mean=(0.5,), std=(0.25,))
+    norm = enc.get_layer("normalize")
+    np.testing.assert_allclose(norm(tf.fill([1, 8, 8, 1], 0.75)).numpy(), 1.0, rtol=1e-5)
