@@ -169,6 +169,14 @@ class SSLModel(keras.Model):
         if self._ema_pairs:
             self.update_ema()
 
+    @staticmethod
+    def unpack(data):
+        """The element dict of a batch (``train_on_batch``/``evaluate`` wrap it
+        as ``(x, y, sample_weight)``)."""
+        if isinstance(data, (tuple, list)):
+            return data[0]
+        return data
+
     def features(self, images, training=False):
         return self.encoder(images, training=training)
 
@@ -183,6 +191,7 @@ class SSLModel(keras.Model):
         """Top-1 accuracy and CE of the classifier on ``{"image", "label"}`` batches."""
         if self.head is None:
             return {}
+        data = self.unpack(data)
         logits = tf.cast(self(data["image"], training=False), tf.float32)
         y = data["label"]
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)

@@ -37,7 +37,7 @@ class Supervised(SSLModel):
         self.init_ema()
 
     def train_step(self, data):
-        batch = data["labeled"]
+        batch = self.unpack(data)["labeled"]
         x, y = batch["weak"], batch["label"]
         with tf.GradientTape() as tape:
             logits = tf.cast(self(x, training=True), tf.float32)

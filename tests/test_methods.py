@@ -1,0 +1,91 @@
+"""The method registry, the base model's EMA, and the supervised baseline."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl import augment, data, methods, models
+
+
+def _encoder(norm="batch"):
+    return models.encoder(models.small_cnn((8, 8, 1), width=8, norm=norm), (0.5,), (0.25,))
+
+
+def test_registry():
+    assert "supervised" in methods.available()
+    assert methods.get("supervised") is methods.Supervised
+    with pytest.raises(ValueError, match="--method='nope' is unknown; available"):
+        methods.get("nope")
+
+
+def _np_log_softmax(z):
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def test_supervised_loss_is_the_label_smoothed_cross_entropy():
+    keras.utils.set_random_seed(0)
+    m = methods.Supervised(_encoder(norm="none"), 10, label_smoothing=0.1)
+    m.compile(optimizer=keras.optimizers.SGD(0.0))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, [6, 8, 8, 1]).astype("float32")
+    y = rng.integers(0, 10, [6])
+    logits = m(x).numpy()
+    targets = np.full([6, 10], 0.1 / 10)
+    targets[np.arange(6), y] += 0.9
+    expected = np.mean(-(targets * _np_log_softmax(logits)).sum(1))
+    logs = m.train_on_batch({"labeled": {"weak": x, "label": y}}, return_dict=True)
+    assert logs["loss_x"] == pytest.approx(expected, rel=1e-5)
+    assert logs["train_top1"] == pytest.approx(np.mean(logits.argmax(1) == y))
+
+
+def test_supervised_fit_loss_falls_on_digits():
+    keras.utils.set_random_seed(0)
+    src = data.digits()
+    ids = data.labeled_split(src.train_labels, 10, labels_per_class=10, seed=0)
+    ds = data.semi_supervised(src, ids, {"weak": augment.weak(8, 1, flip=False, pad=1)}, 32)
+    m = methods.Supervised(_encoder(), 10)
+    m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    h = m.fit(ds, epochs=5, steps_per_epoch=10, verbose=0,
+              validation_data=data.evaluation(src.test(), 8))
+    assert h.history["loss_x"][-1] < 0.5 * h.history["loss_x"][0]
+    assert h.history["val_top1"][-1] > 0.5  # chance is 0.1
+
+
+def test_ema_follows_the_equation_and_swaps_for_evaluation():
+    keras.utils.set_random_seed(0)
+    m = methods.Supervised(_encoder(norm="none"), 10, ema_decay=0.5)
+    m.compile(optimizer=keras.optimizers.SGD(0.1))
+    assert m.evaluate_with_ema
+    w = m.head.kernel
+    w0 = w.numpy().copy()
+    rng = np.random.default_rng(1)
+    batch = {"labeled": {"weak": rng.uniform(0, 1, [4, 8, 8, 1]).astype("float32"),
+                         "label": np.arange(4)}}
+    m.train_on_batch(batch)
+    w1 = w.numpy().copy()
+    m.train_on_batch(batch)
+    w2 = w.numpy().copy()
+    ema = dict((id(v), e) for e, v in m._ema_pairs)[id(w)]
+    expected = 0.5 * (0.5 * w0 + 0.5 * w1) + 0.5 * w2
+    np.testing.assert_allclose(ema.numpy(), expected, rtol=1e-5, atol=1e-7)
+    with m.ema_applied():
+        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(w.numpy(), w2)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        methods.Supervised(_encoder(), 10, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        methods.Supervised(_encoder(), 10, ema_decay=1.5)
+    with pytest.raises(ValueError, match="num_classes"):
+        methods.Supervised(_encoder(), 1)
+
+
+def test_get_config_round_trip():
+    m = methods.Supervised(_encoder(), 10, label_smoothing=0.2)
+    m2 = methods.Supervised.from_config(m.get_config())
+    assert m2.label_smoothing == 0.2 and m2.num_classes == 10
+    assert m2.encoder.output_shape == m.encoder.output_shape
