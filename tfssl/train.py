@@ -170,9 +170,18 @@ def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
     return opt
 
 
-def run(cfg: TrainConfig) -> Dict[str, Any]:
+def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     """Trains, evaluates and exports as ``cfg`` says; returns the summary dict
-    (also written to ``<workdir>/summary.json``)."""
+    (also written to ``<workdir>/summary.json``).
+
+    A run killed mid-way resumes from its last completed epoch when started
+    again with the same ``workdir`` (Keras BackupAndRestore: weights, method
+    state, optimizer state and the epoch counter).
+
+    Args:
+      cfg: the configuration (validated first).
+      callbacks: extra Keras callbacks for ``fit`` (run after tfssl's own).
+    """
     cfg.validate()
     from tfssl import distribute
 
@@ -235,7 +244,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
                    else []),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, "backup")),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
-                 keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True)]
+                 keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
+                 *callbacks]
     step0 = int(model.optimizer.iterations.numpy())
     start = time.time()
     history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps,
