@@ -65,7 +65,8 @@ flags.DEFINE_integer("knn_k", d.knn_k, "kNN monitor neighbours.")
 flags.DEFINE_float("knn_t", d.knn_t, "kNN monitor temperature.")
 flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate every N epochs.")
 flags.DEFINE_string("export_dir", d.export_dir, "Export root ('' to skip export).")
-flags.DEFINE_integer("verbose", d.verbose, "Keras verbosity: 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
+                  "Keras verbosity: 1 progress bar, 2 one line per epoch, auto: 1 on a terminal.")
 
 # Method hyperparameters: --<method>_<argument>, passed to the method's constructor.
 METHOD_FLAGS = {
@@ -78,6 +79,7 @@ def config_from_flags() -> TrainConfig:
     fields = {f.name for f in __import__("dataclasses").fields(TrainConfig)} - {"method_args"}
     kwargs = {name: getattr(F, name) for name in fields}
     kwargs["export_dir"] = F.export_dir or None
+    kwargs["verbose"] = F.verbose if F.verbose == "auto" else int(F.verbose)
     if F["label_fraction"].present and not F["labels_per_class"].present:
         kwargs["labels_per_class"] = None
     method_args = {a: getattr(F, f"{F.method}_{a}") for a in METHOD_FLAGS.get(F.method, [])}

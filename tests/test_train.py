@@ -112,3 +112,13 @@ def test_script_reports_a_bad_flag_and_exits_nonzero(tmp_path):
          f"--workdir={tmp_path}/w"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode != 0
     assert "--method='nope' is unknown; available: ['supervised']" in res.stderr
+
+
+def test_export_run_rebuilds_a_finished_run(tmp_path):
+    from tfssl.train import export_run
+
+    run(_cfg(tmp_path, epochs=1, export_dir=None))
+    paths = export_run(str(tmp_path / "run"), str(tmp_path / "again"))
+    assert os.path.isfile(os.path.join(paths["classifier"], "saved_model.pb"))
+    with pytest.raises(ValueError, match="no summary.json"):
+        export_run(str(tmp_path / "nothing"))

@@ -58,7 +58,7 @@ class TrainConfig:
     knn_t: float = 0.1
     eval_every: int = 1
     export_dir: Optional[str] = "saved_models"
-    verbose: int = 2
+    verbose: Any = "auto"  # 1 progress bar, 2 a line per epoch; auto: 1 on a terminal
     method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
@@ -170,6 +170,23 @@ def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
     return opt
 
 
+def build_model(cfg: TrainConfig, source):
+    """The method's model for ``source`` as ``cfg`` describes it (uncompiled).
+    Call inside the strategy scope. Returns (model, backbone name)."""
+    from tfssl import methods, models
+
+    backbone_name = cfg.backbone if cfg.backbone != "auto" else auto_backbone(source.image_shape)
+    backbone = models.get_backbone(backbone_name, source.image_shape, norm=cfg.norm)
+    encoder = models.encoder(backbone, source.mean, source.std)
+    kwargs = dict(cfg.method_args)
+    if cfg.ema_decay is not None:
+        kwargs["ema_decay"] = cfg.ema_decay
+    return methods.get(cfg.method).from_args(encoder=encoder, source=source, **kwargs), backbone_name
+
+
+FINAL_WEIGHTS = "final.weights.h5"
+
+
 def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     """Trains, evaluates and exports as ``cfg`` says; returns the summary dict
     (also written to ``<workdir>/summary.json``).
@@ -190,7 +207,7 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from tfssl import data, evaluation, export, methods, models
+    from tfssl import data, evaluation, export, methods
 
     strategy = distribute.make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -227,13 +244,7 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs)
 
     with strategy.scope():
-        backbone_name = cfg.backbone if cfg.backbone != "auto" else auto_backbone(source.image_shape)
-        backbone = models.get_backbone(backbone_name, source.image_shape, norm=cfg.norm)
-        encoder = models.encoder(backbone, source.mean, source.std)
-        kwargs = dict(cfg.method_args)
-        if cfg.ema_decay is not None:
-            kwargs["ema_decay"] = cfg.ema_decay
-        model = method_cls.from_args(encoder=encoder, source=source, **kwargs)
+        model, backbone_name = build_model(cfg, source)
         model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps))
 
     use_ema = model.evaluate_with_ema
@@ -246,15 +257,20 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]
+    verbose = cfg.verbose
+    if verbose == "auto":
+        import sys
+        verbose = 1 if sys.stdout.isatty() else 2
     step0 = int(model.optimizer.iterations.numpy())
     start = time.time()
     history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps,
                         validation_data=test_ds if has_head and not use_ema else None,
-                        validation_freq=cfg.eval_every, callbacks=callbacks, verbose=cfg.verbose)
+                        validation_freq=cfg.eval_every, callbacks=callbacks, verbose=verbose)
     train_seconds = time.time() - start
     global_steps = int(model.optimizer.iterations.numpy())
     run_steps = global_steps - step0
 
+    model.save_weights(os.path.join(cfg.workdir, FINAL_WEIGHTS))
     metrics: Dict[str, float] = {}
     with (model.ema_applied() if use_ema else contextlib.nullcontext()):
         if has_head:
@@ -289,3 +305,25 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
         json.dump(summary, f, indent=2, default=str)
     return summary
 
+
+
+def export_run(workdir: str, export_dir: Optional[str] = None) -> Dict[str, str]:
+    """Re-exports a finished run from ``<workdir>/summary.json`` (its flags) and
+    ``<workdir>/final.weights.h5``; returns the export paths."""
+    from tfssl import data, export
+
+    path = os.path.join(workdir, "summary.json")
+    weights = os.path.join(workdir, FINAL_WEIGHTS)
+    for p in (path, weights):
+        if not os.path.exists(p):
+            raise ValueError(f"--workdir={workdir!r} has no {os.path.basename(p)}: "
+                             "is it a finished tfssl run?")
+    with open(path) as f:
+        flags_ = json.load(f)["flags"]
+    cfg = TrainConfig(**{k: v for k, v in flags_.items()
+                         if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    source = data.get_source(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.image_size)
+    model, _ = build_model(cfg, source)
+    model.load_weights(weights)
+    return export.export_model(model, export_dir or os.path.join("saved_models", cfg.run_name),
+                               use_ema=model.evaluate_with_ema)

@@ -9,16 +9,24 @@ Prediction: ``score_c(q) = sum_{j in topk(q)} exp(s_qj / t) * 1[y_j = c]``.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 
+_FEATURE_FNS = weakref.WeakKeyDictionary()
+
+
 def _features_fn(encoder: keras.Model):
-    @tf.function
-    def f(images):
-        return tf.math.l2_normalize(tf.cast(encoder(images, training=False), tf.float32), -1)
-    return f
+    """One compiled feature function per encoder, reused across evaluations."""
+    if encoder not in _FEATURE_FNS:
+        @tf.function(reduce_retracing=True)
+        def f(images):
+            return tf.math.l2_normalize(tf.cast(encoder(images, training=False), tf.float32), -1)
+        _FEATURE_FNS[encoder] = f
+    return _FEATURE_FNS[encoder]
 
 
 def extract(encoder: keras.Model, dataset: tf.data.Dataset):
