@@ -46,3 +46,26 @@ def test_linear_probe_separates_linearly_separable_features():
     w, b, mu, sigma = evaluation.fit_linear(x[:100], y[:100], 2, steps=300)
     pred = np.argmax(((x[100:] - mu) / sigma) @ w + b, 1)
     assert np.mean(pred == y[100:]) > 0.95
+
+
+def test_monitors_add_their_metrics_to_the_epoch_logs():
+    from tfssl import methods, models
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 4
+    x = (y[:, None, None, None] / 4.0 + 0.05 * rng.normal(size=[40, 8, 8, 1])).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y}).batch(10)
+    train = tf.data.Dataset.from_tensor_slices(
+        {"labeled": {"weak": x, "label": y}}).batch(10).repeat()
+    m = methods.Supervised(models.encoder(models.small_cnn((8, 8, 1), width=4), (0.5,), (0.3,)), 4)
+    m.compile(optimizer=keras.optimizers.SGD(0.01))
+    h = m.fit(train, epochs=2, steps_per_epoch=2, verbose=0, callbacks=[
+        evaluation.KNNMonitor(ds, ds, 4, k=3, every=2),
+        evaluation.LinearProbeMonitor(ds, ds, 4, every=1, steps=100),
+        evaluation.TestAccuracy(ds, every=1, use_ema=False)])
+    assert len(h.history["knn_top1"]) == 1  # every=2: only after epoch 2
+    assert len(h.history["linear_probe_top1"]) == 2
+    # Features of 4 well-separated intensity levels: the probe and kNN find them.
+    assert h.history["linear_probe_top1"][-1] > 0.9 and h.history["knn_top1"][-1] > 0.9
+    assert 0.0 <= h.history["val_top1"][-1] <= 1.0

@@ -253,6 +253,9 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
                                        cfg.knn_t, cfg.eval_every, use_ema=use_ema),
                  *([evaluation.TestAccuracy(test_ds, cfg.eval_every)] if use_ema and has_head
                    else []),
+                 *([evaluation.LinearProbeMonitor(bank_ds, test_ds, source.num_classes,
+                                                  cfg.eval_every, use_ema=use_ema)]
+                   if not has_head else []),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, "backup")),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfssl.evaluation.knn import knn_accuracy
+from tfssl.evaluation.linear_probe import linear_probe_accuracy
 
 
 class KNNMonitor(keras.callbacks.Callback):
@@ -51,3 +52,23 @@ class TestAccuracy(keras.callbacks.Callback):
             res = self.model.evaluate(self.test, verbose=0, return_dict=True)
         logs["val_top1"] = float(res["top1"])
         logs["val_loss"] = float(res["loss"])
+
+
+class LinearProbeMonitor(keras.callbacks.Callback):
+    """Adds ``linear_probe_top1`` (a linear classifier fit on the frozen,
+    unaugmented features of ``train``, scored on ``test``) every ``every``
+    epochs: the per-epoch accuracy of methods without a classifier."""
+
+    def __init__(self, train: tf.data.Dataset, test: tf.data.Dataset, num_classes: int,
+                 every: int = 1, steps: int = 300, use_ema: bool = False):
+        super().__init__()
+        self.train, self.test, self.num_classes = train, test, num_classes
+        self.every, self.steps, self.use_ema = every, steps, use_ema
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        ctx = self.model.ema_applied() if self.use_ema else contextlib.nullcontext()
+        with ctx:
+            logs["linear_probe_top1"] = linear_probe_accuracy(
+                self.model.encoder, self.train, self.test, self.num_classes, steps=self.steps)
