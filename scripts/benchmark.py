@@ -9,20 +9,43 @@ seeds) with the commit, flagfile, flags and date:
         --flagfile_to_run=flags/digits.cfg --seeds=0,1,2
 
 Extra train.py flags go after ``--``:  ... --seeds=0,1,2 -- --epochs=50
+
+Mode ``throughput``: one full training step (forward, loss, backward,
+optimizer, state updates) on random in-memory tensors, median of ``--steps``
+steps after ``--warmup`` steps; reports img/s, step seconds, model FLOPs per
+step (convolutions and matmuls, backward = 2x forward), the peak (best of 5
+fp32 4096x4096 matmuls, measured in the same process just before) and
+MFU = FLOPs / step seconds / peak, as ../shared/PERFORMANCE.md defines them:
+
+    python scripts/benchmark.py --mode=throughput --method=supervised \
+        --backbone=wrn28_2 --image_size=32 --batch_size=64
 """
 
 import datetime
+import time
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
-from absl import app, flags
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_enum("mode", "accuracy", ["accuracy"], "What to measure.")
+flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput"], "What to measure.")
+flags.DEFINE_string("backbone", "wrn28_2", "throughput: backbone.")
+flags.DEFINE_integer("image_size", 32, "throughput: image side.")
+flags.DEFINE_integer("channels", 3, "throughput: image channels.")
+flags.DEFINE_integer("num_classes", 10, "throughput: classes.")
+flags.DEFINE_integer("batch_size", 64, "throughput: labeled batch B.")
+flags.DEFINE_integer("unlabeled_batch_size", 0, "throughput: unlabeled batch B_u.")
+flags.DEFINE_integer("steps", 5, "throughput: timed steps.")
+flags.DEFINE_integer("warmup", 3, "throughput: untimed warm-up steps.")
 flags.DEFINE_string("method", "supervised", "Method to train.")
 flags.DEFINE_string("flagfile_to_run", "flags/digits.cfg", "Flagfile for train.py.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one run each.")
@@ -67,19 +90,115 @@ def accuracy(extra):
             f"{' '.join(extra) or '-'} | {','.join(F.seeds)} | {m} | {vals.mean():.4f} | "
             f"{vals.min():.4f} | {vals.max():.4f} | {ips:.0f} | {F.note or '-'} |\n")
     path = os.path.join(ROOT, F.output)
-    new = not os.path.exists(path)
+    text = open(path).read() if os.path.exists(path) else ""
     with open(path, "a") as f:
-        if new:
-            f.write("# tfssl benchmarks\n\nRows are appended by `scripts/benchmark.py`.\n\n"
-                    "## Accuracy over seeds\n\n" + HEADER)
+        if not text:
+            f.write("# tfssl benchmarks\n\nRows are appended by `scripts/benchmark.py`.\n")
+        if "## Accuracy over seeds" not in text:
+            f.write("\n## Accuracy over seeds\n\n" + HEADER)
         f.writelines(rows)
     print("".join(rows))
+
+
+# Forward-equivalent image passes per step, for the FLOP count: a forward with
+# gradient counts 3 (backward = 2x forward), one without counts 1.
+STEP_PASSES = {
+    "supervised": lambda b, b_u: 3 * b,
+}
+
+
+def _peak_gflops():
+    import tensorflow as tf
+
+    a = tf.random.normal([4096, 4096])
+    b = tf.random.normal([4096, 4096])
+    mm = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    mm()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        mm().numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096 ** 3 / best / 1e9
+
+
+def throughput():
+    import keras
+    import tensorflow as tf
+
+    from tfssl import methods, models
+    from tfssl.models.flops import forward_flops
+
+    os_onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
+    peak = _peak_gflops()
+    shape = (F.image_size, F.image_size, F.channels)
+
+    class _Source:  # what from_args needs
+        num_classes = F.num_classes
+
+    keras.utils.set_random_seed(0)
+    encoder = models.encoder(models.get_backbone(F.backbone, shape), (0.5,) * F.channels,
+                             (0.25,) * F.channels)
+    model = methods.get(F.method).from_args(encoder=encoder, source=_Source())
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    opts = dict(size=F.image_size, channels=F.channels, flip=True, pad=F.image_size // 8)
+    lab_views, unl_views = methods.get(F.method).views(opts)
+    rng = np.random.default_rng(0)
+
+    def fake(views, n):
+        out = {name: tf.constant(rng.uniform(0, 1, (n,) + shape).astype("float32"))
+               for name in views}
+        out["label"] = tf.constant(rng.integers(0, F.num_classes, [n]))
+        out["index"] = tf.range(n, dtype=tf.int64)
+        return out
+
+    batch = {"labeled": fake(lab_views, F.batch_size)}
+    if unl_views and F.unlabeled_batch_size:
+        batch["unlabeled"] = fake(unl_views, F.unlabeled_batch_size)
+    ds = tf.data.Dataset.from_tensors(batch).repeat()
+
+    class Timer(keras.callbacks.Callback):
+        times = []
+
+        def on_train_batch_begin(self, b, logs=None):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, b, logs=None):
+            {k: float(v) for k, v in (logs or {}).items()}  # wait for the step
+            self.times.append(time.perf_counter() - self.t)
+
+    timer = Timer()
+    model.fit(ds, epochs=1, steps_per_epoch=F.warmup + F.steps, verbose=0, callbacks=[timer])
+    step_s = float(np.median(timer.times[F.warmup:]))
+    fwd = forward_flops(model.encoder) + (forward_flops(model.head)
+                                          if getattr(model, "head", None) is not None else 0)
+    step_flops = fwd * STEP_PASSES[F.method](F.batch_size, F.unlabeled_batch_size)
+    images = F.batch_size + F.unlabeled_batch_size
+    mfu = step_flops / step_s / (peak * 1e9)
+    row = (f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.backbone} {F.image_size}px, "
+           f"B={F.batch_size}, B_u={F.unlabeled_batch_size} | {step_flops / 1e9:.1f} G | "
+           f"{step_s:.3f} s | {images / step_s:.1f} | {peak:.0f} GFLOP/s | {mfu:.2f} | "
+           f"{os_onednn} | {F.note or '-'} |\n")
+    path = os.path.join(ROOT, F.output)
+    text = open(path).read() if os.path.exists(path) else ""
+    with open(path, "a") as f:
+        if not text:
+            f.write("# tfssl benchmarks\n\nRows are appended by `scripts/benchmark.py`.\n")
+        if "## Throughput" not in text:
+            f.write("\n## Throughput (one training step, random tensors, fp32)\n\n"
+                    "| date | commit | method | setup | FLOPs/step | median step | img/s | "
+                    "peak | MFU | TF_ENABLE_ONEDNN_OPTS | note |\n"
+                    "|---|---|---|---|---|---|---|---|---|---|---|\n")
+        f.write(row)
+    print(row)
 
 
 def main(argv):
     extra = argv[1:]
     if F.mode == "accuracy":
         accuracy(extra)
+    else:
+        throughput()
 
 
 if __name__ == "__main__":

@@ -51,3 +51,13 @@ def test_mlp_heads_and_encoder_normalisation():
     enc = models.encoder(models.small_cnn((8, 8, 1), norm="none"), mean=(0.5,), std=(0.25,))
     norm = enc.get_layer("normalize")
     np.testing.assert_allclose(norm(tf.fill([1, 8, 8, 1], 0.75)).numpy(), 1.0, rtol=1e-5)
+
+
+def test_forward_flops_match_the_published_figures():
+    from tfssl.models.flops import forward_flops
+
+    # PERFORMANCE.md: WRN-28-2 at 32x32 0.429 GFLOP; ResNet-18 (CIFAR stem) 1.110.
+    assert forward_flops(models.wide_resnet(28, 2, (32, 32, 3))) / 1e9 == pytest.approx(0.429, abs=0.002)
+    assert forward_flops(models.resnet(18, (32, 32, 3), cifar_stem=True)) / 1e9 == pytest.approx(1.110, abs=0.005)
+    head = models.mlp([32, 16], input_dim=8)
+    assert forward_flops(head) == 2 * (8 * 32 + 32 * 16)
