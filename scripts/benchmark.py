@@ -58,6 +58,31 @@ HEADER = ("| date | commit | method | flagfile | extra flags | seeds | metric | 
           "| img/s (mean) | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
+THROUGHPUT_HEADER = ("| date | commit | method | setup | FLOPs/step | median step | img/s | peak "
+                     "| MFU | TF_ENABLE_ONEDNN_OPTS | note |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _append(section: str, header: str, rows):
+    """Adds ``rows`` at the end of ``section``'s table in --output (creating
+    the file and the section as needed); text outside the tables is kept."""
+    path = os.path.join(ROOT, F.output)
+    text = open(path).read() if os.path.exists(path) else (
+        "# tfssl benchmarks\n\nRows are appended by `scripts/benchmark.py`.\n")
+    if section not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n\n{header}"
+    lines = text.splitlines(keepends=True)
+    i = next(k for k, line in enumerate(lines) if line.strip() == section)
+    j = i + 1
+    while j < len(lines) and not lines[j].startswith("|"):
+        j += 1
+    while j < len(lines) and lines[j].startswith("|"):
+        j += 1
+    lines[j:j] = list(rows)
+    with open(path, "w") as f:
+        f.write("".join(lines))
+
+
 def _commit():
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -89,14 +114,7 @@ def accuracy(extra):
             f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.flagfile_to_run} | "
             f"{' '.join(extra) or '-'} | {','.join(F.seeds)} | {m} | {vals.mean():.4f} | "
             f"{vals.min():.4f} | {vals.max():.4f} | {ips:.0f} | {F.note or '-'} |\n")
-    path = os.path.join(ROOT, F.output)
-    text = open(path).read() if os.path.exists(path) else ""
-    with open(path, "a") as f:
-        if not text:
-            f.write("# tfssl benchmarks\n\nRows are appended by `scripts/benchmark.py`.\n")
-        if "## Accuracy over seeds" not in text:
-            f.write("\n## Accuracy over seeds\n\n" + HEADER)
-        f.writelines(rows)
+    _append("## Accuracy over seeds", HEADER, rows)
     print("".join(rows))
 
 
@@ -179,17 +197,7 @@ def throughput():
            f"B={F.batch_size}, B_u={F.unlabeled_batch_size} | {step_flops / 1e9:.1f} G | "
            f"{step_s:.3f} s | {images / step_s:.1f} | {peak:.0f} GFLOP/s | {mfu:.2f} | "
            f"{os_onednn} | {F.note or '-'} |\n")
-    path = os.path.join(ROOT, F.output)
-    text = open(path).read() if os.path.exists(path) else ""
-    with open(path, "a") as f:
-        if not text:
-            f.write("# tfssl benchmarks\n\nRows are appended by `scripts/benchmark.py`.\n")
-        if "## Throughput" not in text:
-            f.write("\n## Throughput (one training step, random tensors, fp32)\n\n"
-                    "| date | commit | method | setup | FLOPs/step | median step | img/s | "
-                    "peak | MFU | TF_ENABLE_ONEDNN_OPTS | note |\n"
-                    "|---|---|---|---|---|---|---|---|---|---|---|\n")
-        f.write(row)
+    _append("## Throughput (one training step, random tensors, fp32)", THROUGHPUT_HEADER, [row])
     print(row)
 
 

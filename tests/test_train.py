@@ -122,3 +122,20 @@ def test_export_run_rebuilds_a_finished_run(tmp_path):
     assert os.path.isfile(os.path.join(paths["classifier"], "saved_model.pb"))
     with pytest.raises(ValueError, match="no summary.json"):
         export_run(str(tmp_path / "nothing"))
+
+
+def test_mixed_precision_run_and_the_policy_is_restored(tmp_path):
+    summary = run(_cfg(tmp_path, epochs=1, mixed_precision=True, export_dir=None))
+    assert summary["global_steps"] == 3
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+
+
+def test_a_tfds_dataset_end_to_end_with_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=200):
+        summary = run(_cfg(tmp_path, dataset="cifar10", backbone="small_cnn", epochs=1,
+                           labels_per_class=2, steps_per_epoch=2))
+    assert summary["num_labeled"] == 20 and summary["global_steps"] == 2
+    assert summary["backbone"] == "small_cnn"
+    assert os.path.isdir(summary["export"]["encoder"])

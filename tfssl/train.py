@@ -16,7 +16,6 @@ import os
 import time
 from typing import Any, Dict, Optional
 
-import numpy as np
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
@@ -65,7 +64,7 @@ class TrainConfig:
         """Raises ValueError naming the flag for any value that cannot work.
         Runs before any data is read or any TensorFlow device is touched."""
         from tfssl import distribute, methods
-        from tfssl.data.sources import DATASETS, TFDS_SPECS
+        from tfssl.data.sources import TFDS_SPECS
         from tfssl.models.backbones import BACKBONES, NORMS
 
         methods.get(self.method)
@@ -207,7 +206,7 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from tfssl import data, evaluation, export, methods
+    from tfssl import data, methods
 
     strategy = distribute.make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -228,9 +227,23 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
                              f"replicas of --strategy={cfg.strategy}.")
     os.makedirs(cfg.workdir, exist_ok=True)
     data.write_labeled_ids(cfg.workdir, labeled_ids, source.train_labels, cfg.seed)
+    previous_policy = keras.mixed_precision.dtype_policy()
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(
             "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
+    try:
+        return _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views,
+                      unlabeled_views, b_u)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u):
+    import keras
+
+    from tfssl import data, evaluation, export
+
+    replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
 
     train_ds = data.semi_supervised(
