@@ -61,6 +61,9 @@ flags.DEFINE_string("strategy", d.strategy, "auto, default, mirrored, multi_work
 flags.DEFINE_integer("num_cpu_devices", d.num_cpu_devices,
                      "Split the host CPU into N logical devices (mirrored without GPUs).")
 flags.DEFINE_boolean("mixed_precision", d.mixed_precision, "float16 (GPU) / bfloat16 compute.")
+flags.DEFINE_boolean("deterministic", d.deterministic,
+                     "Bit-reproducible runs for a --seed: views applied one image at a time (slower "
+                     "input pipeline), and TF op determinism on GPUs.")
 flags.DEFINE_integer("knn_k", d.knn_k, "kNN monitor neighbours.")
 flags.DEFINE_float("knn_t", d.knn_t, "kNN monitor temperature.")
 flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate every N epochs.")

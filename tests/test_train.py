@@ -139,3 +139,12 @@ def test_a_tfds_dataset_end_to_end_with_mock_data(tmp_path):
     assert summary["num_labeled"] == 20 and summary["global_steps"] == 2
     assert summary["backbone"] == "small_cnn"
     assert os.path.isdir(summary["export"]["encoder"])
+
+
+def test_deterministic_runs_reproduce_exactly(tmp_path):
+    a = run(_cfg(tmp_path / "a", epochs=2, deterministic=True, export_dir=None, seed=3))
+    b = run(_cfg(tmp_path / "b", epochs=2, deterministic=True, export_dir=None, seed=3))
+    assert a["history"]["loss_x"] == b["history"]["loss_x"]
+    assert a["metrics"] == b["metrics"]
+    c = run(_cfg(tmp_path / "c", epochs=2, deterministic=True, export_dir=None, seed=4))
+    assert c["history"]["loss_x"] != a["history"]["loss_x"]

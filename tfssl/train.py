@@ -53,6 +53,7 @@ class TrainConfig:
     strategy: str = "auto"
     num_cpu_devices: int = 1
     mixed_precision: bool = False
+    deterministic: bool = False
     knn_k: int = 200
     knn_t: float = 0.1
     eval_every: int = 1
@@ -102,7 +103,7 @@ class TrainConfig:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.weight_decay < 0:
             raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs + (self.warmup_epochs == 0):
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
             raise ValueError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}.")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}.")
@@ -215,6 +216,9 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
                              cfg.download)
     labeled_ids = data.labeled_split(source.train_labels, source.num_classes,
                                      cfg.labels_per_class, cfg.label_fraction, cfg.seed)
+    # Seed Python, NumPy, TF and Keras before anything random is built (views
+    # draw their layer seeds at construction).
+    keras.utils.set_random_seed(cfg.seed)
     labeled_views, unlabeled_views = method_cls.views(view_options(cfg.dataset, source.image_shape))
     b_u = cfg.unlabeled_batch_size
     if b_u is None:
@@ -228,6 +232,9 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     os.makedirs(cfg.workdir, exist_ok=True)
     data.write_labeled_ids(cfg.workdir, labeled_ids, source.train_labels, cfg.seed)
     previous_policy = keras.mixed_precision.dtype_policy()
+    if cfg.deterministic and tf.config.list_physical_devices("GPU"):
+        # GPU kernels (cuDNN, atomics) need it; it stays on for the process.
+        tf.config.experimental.enable_op_determinism()
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(
             "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
@@ -248,7 +255,8 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
 
     train_ds = data.semi_supervised(
         source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
-        include_labeled_in_unlabeled=cfg.include_labeled_in_unlabeled, seed=cfg.seed)
+        include_labeled_in_unlabeled=cfg.include_labeled_in_unlabeled, seed=cfg.seed,
+        deterministic=cfg.deterministic)
     n_stream = source.num_train + source.num_extra_unlabeled
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_stream / (b_u or cfg.batch_size)))
     side = source.image_shape[0]

@@ -34,11 +34,15 @@ def _apply_views(views: Dict[str, augment.View]):
 
 
 def _stream(ds: tf.data.Dataset, views, batch_size: int, seed: int, buffer: int,
-            cache: bool) -> tf.data.Dataset:
+            cache: bool, deterministic: bool) -> tf.data.Dataset:
     if cache:
         ds = ds.cache()
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(_apply_views(views), num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Views draw from stateful RNGs: with parallel calls, which element gets
+    # which draw depends on thread timing; one call at a time makes the
+    # augmentations a function of the seed.
+    ds = ds.map(_apply_views(views), num_parallel_calls=1 if deterministic else AUTOTUNE,
+                deterministic=True)
     return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -47,7 +51,8 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
                     unlabeled_views: Optional[Dict[str, augment.View]] = None,
                     unlabeled_batch_size: int = 0,
                     include_labeled_in_unlabeled: bool = True,
-                    seed: int = 0, shuffle_buffer: int = 50_000) -> tf.data.Dataset:
+                    seed: int = 0, shuffle_buffer: int = 50_000,
+                    deterministic: bool = False) -> tf.data.Dataset:
     """An infinite stream of labeled (+ unlabeled) multi-view batches.
 
     Args:
@@ -61,6 +66,9 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
         images (as SimMatch/FixMatch/PAWS do) unless False (MixMatch's convention).
       seed: shuffling seed (order is deterministic for a seed).
       shuffle_buffer: shuffle buffer size (capped at the stream's size).
+      deterministic: apply the views one image at a time, so that with a fixed
+        seed (``keras.utils.set_random_seed`` before the views are built) the
+        stream is identical from run to run; slower on large data.
 
     Returns:
       ``tf.data.Dataset`` of the dicts described in the module docstring.
@@ -69,8 +77,10 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
     small = source.train_arrays is not None
     n_l = len(labeled_ids)
+    # Cache the labeled images when they fit comfortably (decoded, ~< 1 GB).
+    cache_labeled = small or n_l * int(np.prod(source.image_shape)) * 2 < 1e9
     labeled = _stream(source.subset(labeled_ids), labeled_views, batch_size, seed,
-                      min(shuffle_buffer, n_l), cache=True)
+                      min(shuffle_buffer, n_l), cache=cache_labeled, deterministic=deterministic)
     if not unlabeled_batch_size:
         return tf.data.Dataset.zip({"labeled": labeled}).prefetch(AUTOTUNE)
     if include_labeled_in_unlabeled:
@@ -85,7 +95,7 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
         unl = unl.concatenate(extra)
         n_u += source.num_extra_unlabeled
     unlabeled = _stream(unl, unlabeled_views, unlabeled_batch_size, seed + 1,
-                        min(shuffle_buffer, n_u), cache=small)
+                        min(shuffle_buffer, n_u), cache=small, deterministic=deterministic)
     return tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled}).prefetch(AUTOTUNE)
 
 
