@@ -3,8 +3,9 @@
 ``assert_replicas_match`` trains the same model twice from the same
 initialisation on the same global batches, once on one device and once under
 ``MirroredStrategy`` over N logical CPU devices, and checks that every weight
-(trainable, non-trainable state such as queues and banks, optimizer slots) is
-equal to float tolerance, and identical on all replicas.
+(trainable, non-trainable state such as queues and banks, optimizer slots) and
+every metric in the fit logs is equal to float tolerance, and that mirrored
+variables are identical on all replicas.
 
 The process must have split its CPU into >= N logical devices before
 TensorFlow initialised (``tfssl.distribute.configure_cpu_devices``; the test
@@ -34,12 +35,13 @@ def mirrored_cpu_strategy(num_replicas: int = 2) -> tf.distribute.MirroredStrate
 def train_steps(build_model: Callable[[], keras.Model], dataset: tf.data.Dataset,
                 strategy: tf.distribute.Strategy, steps: int, seed: int = 0):
     """Builds (seeded) and compiles under ``strategy``, fits ``steps`` steps on
-    ``dataset`` (global batches). Returns (model, {variable path: value})."""
+    ``dataset`` (global batches). Returns (model, {variable: value}, fit logs)."""
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         model = build_model()
-    model.fit(dataset.take(steps), epochs=1, steps_per_epoch=steps, verbose=0)
-    return model, snapshot(model, strategy)
+    history = model.fit(dataset.take(steps), epochs=1, steps_per_epoch=steps, verbose=0)
+    logs = {k: v[-1] for k, v in history.history.items()}
+    return model, snapshot(model, strategy), logs
 
 
 def snapshot(model: keras.Model, strategy=None) -> Dict[str, np.ndarray]:
@@ -76,9 +78,15 @@ def assert_replicas_match(build_model: Callable[[], keras.Model], dataset: tf.da
     Returns:
       (one-device snapshot, N-replica snapshot) for further method checks.
     """
-    one_model, one = train_steps(build_model, dataset, tf.distribute.get_strategy(), steps, seed)
-    many_model, many = train_steps(build_model, dataset, mirrored_cpu_strategy(num_replicas),
-                                   steps, seed)
+    _, one, one_logs = train_steps(build_model, dataset, tf.distribute.get_strategy(), steps,
+                                   seed)
+    _, many, many_logs = train_steps(build_model, dataset, mirrored_cpu_strategy(num_replicas),
+                                     steps, seed)
+    # fit logs are global-batch values, not replica 0's.
+    assert set(one_logs) == set(many_logs)
+    for k in one_logs:
+        np.testing.assert_allclose(many_logs[k], one_logs[k], rtol=rtol, atol=atol,
+                                   err_msg=f"logged {k}: {num_replicas} replicas != 1 device")
     assert set(one) == set(many), sorted(set(one) ^ set(many))
     for path in one:
         np.testing.assert_allclose(many[path], one[path], rtol=rtol, atol=atol,
