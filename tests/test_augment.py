@@ -81,3 +81,9 @@ def test_random_apply_probability():
     f = augment.random_apply(lambda x: x + 1.0, 0.3)
     hits = np.mean([float(f(tf.zeros([]))) for _ in range(400)])
     assert 0.22 < hits < 0.38
+
+
+def test_center_crop_takes_the_middle():
+    img = tf.constant(np.arange(16 * 16, dtype=np.uint8).reshape(16, 16, 1))
+    out = augment.center_crop(14, crop_fraction=14 / 16)(img).numpy()[..., 0]
+    np.testing.assert_allclose(out, img.numpy()[1:15, 1:15, 0] / 255.0, atol=1e-6)

@@ -31,6 +31,20 @@ def identity(size: int) -> View:
     return lambda image: to_float(image, size)
 
 
+def center_crop(size: int, crop_fraction: float = 0.875) -> View:
+    """Evaluation view for large images: resize to ``round(size / crop_fraction)``
+    squares, then the central ``size`` x ``size`` crop."""
+    big = int(round(size / crop_fraction))
+
+    def view(image):
+        x = to_float(image, big)
+        off = (big - size) // 2
+        x = x[off:off + size, off:off + size]
+        x.set_shape([size, size, x.shape[-1]])
+        return x
+    return view
+
+
 def random_apply(fn: View, p: float) -> View:
     """Applies ``fn`` with probability ``p`` (a per-image coin)."""
     if p >= 1.0:

@@ -261,8 +261,9 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_stream / (b_u or cfg.batch_size)))
     side = source.image_shape[0]
     eval_bs = 256
-    test_ds = data.evaluation(source.test(), side, eval_bs)
-    bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs)
+    crop = 0.875 if side > 96 else None  # ImageNet-scale: resize 256, centre 224
+    test_ds = data.evaluation(source.test(), side, eval_bs, crop)
+    bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs, crop)
 
     with strategy.scope():
         model, backbone_name = build_model(cfg, source)

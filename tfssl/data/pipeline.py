@@ -99,10 +99,16 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
     return tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled}).prefetch(AUTOTUNE)
 
 
-def evaluation(ds: tf.data.Dataset, size: int, batch_size: int = 256) -> tf.data.Dataset:
+def evaluation(ds: tf.data.Dataset, size: int, batch_size: int = 256,
+               crop_fraction: Optional[float] = None) -> tf.data.Dataset:
     """Batches ``{"image": float [B, S, S, C] in [0, 1], "label", "index"}``
-    without augmentation, for test accuracy, kNN and feature extraction."""
-    view = augment.identity(size)
+    without augmentation, for test accuracy, kNN and feature extraction.
+
+    ``crop_fraction``: resize to ``size / crop_fraction`` then take the central
+    ``size`` square (ImageNet's 256 -> 224 with 0.875); default a plain resize.
+    """
+    view = augment.identity(size) if crop_fraction is None else augment.center_crop(
+        size, crop_fraction)
     return ds.map(lambda e: {"image": view(e["image"]), "label": e["label"],
                              "index": e["index"]},
                   num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)

@@ -194,10 +194,7 @@ def tfds_source(name: str, data_dir: Optional[str] = None,
             ) from e
         return ds.map(lambda e: {"image": e["image"], "label": e["label"]})
 
-    labels = np.concatenate(
-        [b for b in load(spec["train"], skip_decoding=True)
-         .map(lambda e: e["label"]).batch(8192).as_numpy_iterator()] or [np.zeros([0])]
-    ).astype(np.int64)
+    labels = _read_labels(load(spec["train"], skip_decoding=True), f"{name} labels")
     extra = None
     num_extra = 0
     if spec.get("extra"):
@@ -212,6 +209,23 @@ def tfds_source(name: str, data_dir: Optional[str] = None,
         _train=lambda: load(spec["train"]), _test=lambda: load(spec["test"]),
         _extra=extra, num_extra_unlabeled=num_extra,
     )
+
+
+def _read_labels(ds: tf.data.Dataset, what: str) -> np.ndarray:
+    """All labels of ``ds`` (images not decoded), with a progress bar when long."""
+    import keras
+
+    n = int(ds.cardinality())
+    chunk = 8192
+    bar = keras.utils.Progbar(n, unit_name="image") if n > 20 * chunk else None
+    if bar is not None:
+        print(f"Reading {what} for the labeled split ({n} images, once per run)")
+    out = []
+    for b in ds.map(lambda e: e["label"]).batch(chunk).as_numpy_iterator():
+        out.append(b)
+        if bar is not None:
+            bar.add(len(b))
+    return np.concatenate(out or [np.zeros([0])]).astype(np.int64)
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
