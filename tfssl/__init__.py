@@ -12,3 +12,5 @@ Modules:
 """
 
 __version__ = "0.1.0"
+
+from tfssl import augment, data, distribute, evaluation, export, methods, models  # noqa: E402,F401
