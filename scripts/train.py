@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags, logging  # noqa: E402
 
-from tfssl.train import TrainConfig  # noqa: E402
+from tfssl.train import ConfigError, TrainConfig  # noqa: E402
 
 F = flags.FLAGS
 d = TrainConfig()
@@ -94,13 +94,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     cfg = config_from_flags()
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise app.UsageError(str(e))
     from tfssl.train import run
 
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except ConfigError as e:  # found before training: a message, not a traceback
+        sys.exit(f"error: {e}")
     print(f"summary: {os.path.join(cfg.workdir, 'summary.json')}")
     print({k: summary[k] for k in ("method", "dataset", "num_labeled", "metrics", "export")})
 

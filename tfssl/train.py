@@ -21,6 +21,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 
 
+class ConfigError(ValueError):
+    """A flag or an input that cannot work, found before training starts."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One field per ``scripts/train.py`` flag (same names, same meaning)."""
@@ -70,51 +74,51 @@ class TrainConfig:
 
         methods.get(self.method)
         if self.dataset == "folder" and not self.data_dir:
-            raise ValueError("--dataset=folder needs --data_dir=<folder of class subfolders>.")
+            raise ConfigError("--dataset=folder needs --data_dir=<folder of class subfolders>.")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise ValueError(f"--data_dir={self.data_dir!r} does not exist.")
+            raise ConfigError(f"--data_dir={self.data_dir!r} does not exist.")
         if TFDS_SPECS.get(self.dataset, {}).get("manual") and self.download:
             if not self.manual_dir or not os.path.isdir(self.manual_dir):
-                raise ValueError(
+                raise ConfigError(
                     f"--dataset={self.dataset} --download needs --manual_dir=<folder with "
                     f"the downloaded archives>; got {self.manual_dir!r}.")
         for name in ("epochs", "batch_size", "eval_every", "knn_k"):
             if getattr(self, name) is None or getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"--steps_per_epoch must be positive, got {self.steps_per_epoch}.")
+            raise ConfigError(f"--steps_per_epoch must be positive, got {self.steps_per_epoch}.")
         if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 0:
-            raise ValueError(f"--unlabeled_batch_size must be >= 0, got {self.unlabeled_batch_size}.")
+            raise ConfigError(f"--unlabeled_batch_size must be >= 0, got {self.unlabeled_batch_size}.")
         if (self.labels_per_class is None) == (self.label_fraction is None):
-            raise ValueError("Give exactly one of --labels_per_class and --label_fraction.")
+            raise ConfigError("Give exactly one of --labels_per_class and --label_fraction.")
         if self.labels_per_class is not None and self.labels_per_class < 1:
-            raise ValueError(f"--labels_per_class must be >= 1, got {self.labels_per_class}.")
+            raise ConfigError(f"--labels_per_class must be >= 1, got {self.labels_per_class}.")
         if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
-            raise ValueError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
+            raise ConfigError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
-            raise ValueError(f"--backbone={self.backbone!r} is not one of {('auto',) + BACKBONES}.")
+            raise ConfigError(f"--backbone={self.backbone!r} is not one of {('auto',) + BACKBONES}.")
         if self.norm not in NORMS:
-            raise ValueError(f"--norm={self.norm!r} is not one of {NORMS}.")
+            raise ConfigError(f"--norm={self.norm!r} is not one of {NORMS}.")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
+            raise ConfigError(f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"--lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+            raise ConfigError(f"--lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}.")
         if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.weight_decay < 0:
-            raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}.")
+            raise ConfigError(f"--weight_decay must be >= 0, got {self.weight_decay}.")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
-            raise ValueError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}.")
+            raise ConfigError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}.")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema_decay must be in [0, 1), got {self.ema_decay}.")
+            raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.strategy not in distribute.STRATEGIES:
-            raise ValueError(f"--strategy={self.strategy!r} is not one of {distribute.STRATEGIES}.")
+            raise ConfigError(f"--strategy={self.strategy!r} is not one of {distribute.STRATEGIES}.")
         if self.strategy == "multi_worker":
-            raise ValueError(distribute.MULTI_WORKER_REFUSAL)
+            raise ConfigError(distribute.MULTI_WORKER_REFUSAL)
         if self.num_cpu_devices < 1:
-            raise ValueError(f"--num_cpu_devices must be >= 1, got {self.num_cpu_devices}.")
+            raise ConfigError(f"--num_cpu_devices must be >= 1, got {self.num_cpu_devices}.")
         if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"--image_size must be >= 8, got {self.image_size}.")
+            raise ConfigError(f"--image_size must be >= 8, got {self.image_size}.")
 
     @property
     def run_name(self) -> str:
@@ -199,13 +203,37 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
       cfg: the configuration (validated first).
       callbacks: extra Keras callbacks for ``fit`` (run after tfssl's own).
     """
+    import keras
+    import tensorflow as tf
+
+    try:
+        prepared = _prepare(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    previous_policy = keras.mixed_precision.dtype_policy()
+    if cfg.deterministic and tf.config.list_physical_devices("GPU"):
+        # GPU kernels (cuDNN, atomics) need it; it stays on for the process.
+        tf.config.experimental.enable_op_determinism()
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_dtype_policy(
+            "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
+    try:
+        return _train(cfg, callbacks, *prepared)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _prepare(cfg: TrainConfig):
+    """Everything that can reject the configuration: flags, strategy, data,
+    split, batch divisibility. Writes ``labeled_ids.json`` when all is well."""
     cfg.validate()
     from tfssl import distribute
 
     distribute.configure_cpu_devices(cfg.num_cpu_devices)
 
     import keras
-    import tensorflow as tf
 
     from tfssl import data, methods
 
@@ -231,18 +259,7 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
                              f"replicas of --strategy={cfg.strategy}.")
     os.makedirs(cfg.workdir, exist_ok=True)
     data.write_labeled_ids(cfg.workdir, labeled_ids, source.train_labels, cfg.seed)
-    previous_policy = keras.mixed_precision.dtype_policy()
-    if cfg.deterministic and tf.config.list_physical_devices("GPU"):
-        # GPU kernels (cuDNN, atomics) need it; it stays on for the process.
-        tf.config.experimental.enable_op_determinism()
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_dtype_policy(
-            "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
-    try:
-        return _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views,
-                      unlabeled_views, b_u)
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous_policy)
+    return strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u
 
 
 def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u):
@@ -266,7 +283,10 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs, crop)
 
     with strategy.scope():
-        model, backbone_name = build_model(cfg, source)
+        try:
+            model, backbone_name = build_model(cfg, source)
+        except ValueError as e:
+            raise ConfigError(f"{e} (method arguments come from the --{cfg.method}_* flags)") from e
         model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps))
 
     use_ema = model.evaluate_with_ema
