@@ -89,3 +89,20 @@ def test_get_config_round_trip():
     m2 = methods.Supervised.from_config(m.get_config())
     assert m2.label_smoothing == 0.2 and m2.num_classes == 10
     assert m2.encoder.output_shape == m.encoder.output_shape
+
+
+def test_state_variables_are_saved_and_restored(tmp_path):
+    keras.utils.set_random_seed(0)
+    m = methods.Supervised(_encoder(norm="none"), 10, ema_decay=0.9)
+    queue = m.state_variable("queue", (4, 3))
+    queue.assign(np.arange(12, dtype="float32").reshape(4, 3))
+    m._ema_pairs[0][0].assign(np.full(m._ema_pairs[0][0].shape, 7.0, "float32"))
+    path = str(tmp_path / "w.weights.h5")
+    m.save_weights(path)
+    keras.utils.set_random_seed(1)
+    m2 = methods.Supervised(_encoder(norm="none"), 10, ema_decay=0.9)
+    q2 = m2.state_variable("queue", (4, 3))
+    m2.load_weights(path)
+    np.testing.assert_array_equal(q2.numpy(), queue.numpy())
+    np.testing.assert_array_equal(m2._ema_pairs[0][0].numpy(), 7.0)
+    assert not q2.trainable
