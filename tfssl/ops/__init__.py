@@ -1,0 +1,1 @@
+"""Pure tensor math, XLA-compiled, each op tested against a NumPy reference."""
