@@ -37,7 +37,11 @@ from absl import app, flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput"], "What to measure.")
+flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput", "sinkhorn"], "What to measure.")
+flags.DEFINE_integer("sinkhorn_n", 200_000, "sinkhorn: N rows.")
+flags.DEFINE_integer("sinkhorn_k", 1000, "sinkhorn: K clusters.")
+flags.DEFINE_float("sinkhorn_lambda", 25.0, "sinkhorn: lambda.")
+flags.DEFINE_float("sinkhorn_tol", 0.1, "sinkhorn: stopping tolerance.")
 flags.DEFINE_string("backbone", "wrn28_2", "throughput: backbone.")
 flags.DEFINE_integer("image_size", 32, "throughput: image side.")
 flags.DEFINE_integer("channels", 3, "throughput: image channels.")
@@ -201,12 +205,39 @@ def throughput():
     print(row)
 
 
+def sinkhorn_bench():
+    import tensorflow as tf
+
+    from tfssl.ops.sinkhorn import sinkhorn
+
+    n, k = F.sinkhorn_n, F.sinkhorn_k
+    logits = tf.random.stateless_normal([n, k], seed=[0, 0]) * 3.0
+    log_p = tf.nn.log_softmax(logits)
+    sinkhorn(log_p[:1000], F.sinkhorn_lambda, F.sinkhorn_tol, max_iters=2)  # compile
+    t = time.perf_counter()
+    res = sinkhorn(log_p, F.sinkhorn_lambda, F.sinkhorn_tol)
+    float(res.cost)
+    sec = time.perf_counter() - t
+    gbps = 2 * n * k * 4 * res.iterations / sec / 1e9  # reads the matrix twice per iteration
+    row = (f"| {datetime.date.today()} | {_commit()} | N={n}, K={k}, lambda={F.sinkhorn_lambda}, "
+           f"tol={F.sinkhorn_tol} | float32 log domain, XLA | {res.iterations} | "
+           f"{sec / res.iterations:.4f} s | {sec:.2f} s | {gbps:.1f} GB/s | "
+           f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')} | {F.note or '-'} |\n")
+    _append("## Sinkhorn-Knopp (SeLa relabelling)",
+            "| date | commit | problem | implementation | iterations | s / iteration | total | "
+            "matrix reads | TF_ENABLE_ONEDNN_OPTS | note |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            [row])
+    print(row)
+
+
 def main(argv):
     extra = argv[1:]
     if F.mode == "accuracy":
         accuracy(extra)
-    else:
+    elif F.mode == "throughput":
         throughput()
+    else:
+        sinkhorn_bench()
 
 
 if __name__ == "__main__":
