@@ -74,8 +74,19 @@ flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
 # Method hyperparameters: --<method>_<argument>, passed to the method's constructor.
 METHOD_FLAGS = {
     "supervised": ["label_smoothing"],
+    "sela": ["num_clusters", "num_heads", "lam", "tol", "nopts", "schedule",
+             "one_head_per_call"],
 }
 flags.DEFINE_float("supervised_label_smoothing", 0.0, "Label smoothing of the baseline's CE.")
+flags.DEFINE_integer("sela_num_clusters", 128, "SeLa: clusters K per head.")
+flags.DEFINE_integer("sela_num_heads", 10, "SeLa: clustering heads hc.")
+flags.DEFINE_float("sela_lam", 10.0, "SeLa: Sinkhorn lambda (25 ImageNet, 10 CIFAR).")
+flags.DEFINE_float("sela_tol", 0.01, "SeLa: Sinkhorn tolerance (0.1 ImageNet, 0.01 CIFAR).")
+flags.DEFINE_integer("sela_nopts", 100, "SeLa: number of relabellings over the run.")
+flags.DEFINE_enum("sela_schedule", "quadratic", ["quadratic", "linear"],
+                  "SeLa: relabel times spread quadratically (ImageNet) or linearly (CIFAR).")
+flags.DEFINE_boolean("sela_one_head_per_call", False,
+                     "SeLa: relabel one head per call (CIFAR) instead of all (ImageNet).")
 
 
 def config_from_flags() -> TrainConfig:

@@ -298,6 +298,10 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                  *([evaluation.LinearProbeMonitor(bank_ds, test_ds, source.num_classes,
                                                   cfg.eval_every, use_ema=use_ema)]
                    if not has_head else []),
+                 *model.training_callbacks(dict(
+                     source=source, labeled_ids=labeled_ids, epochs=cfg.epochs,
+                     steps_per_epoch=steps, batch_size=cfg.batch_size,
+                     unlabeled_batch_size=b_u)),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, "backup")),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),

@@ -84,6 +84,13 @@ class SSLModel(keras.Model):
         keyword arguments (what ``scripts/train.py`` collects from its flags)."""
         return cls(encoder=encoder, num_classes=source.num_classes, **kwargs)
 
+    def training_callbacks(self, ctx: Dict) -> list:
+        """Callbacks the method needs during ``fit`` (e.g. SeLa's relabelling).
+
+        ``ctx`` has ``source``, ``labeled_ids``, ``epochs``, ``steps_per_epoch``,
+        ``batch_size`` and ``unlabeled_batch_size`` (global)."""
+        return []
+
     @property
     def evaluate_with_ema(self) -> bool:
         """Whether evaluation and export use the EMA weights."""

@@ -1,0 +1,128 @@
+"""SeLa: label table, loss, relabelling and its schedule."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl import methods, models, testing
+from tfssl.methods.sela import Relabel, SeLa, balanced_random_labels, relabel_times
+from tfssl.ops.sinkhorn import sinkhorn
+
+
+def _encoder(norm="none"):
+    return models.encoder(models.small_cnn((8, 8, 1), width=4, norm=norm), (0.5,), (0.25,))
+
+
+def test_initial_labels_are_balanced_random_per_head():
+    y = balanced_random_labels(3, 103, 10, seed=0)
+    assert y.shape == (3, 103)
+    for h in range(3):
+        counts = np.bincount(y[h], minlength=10)
+        assert counts.min() == 10 and counts.max() == 11
+    assert not np.array_equal(y[0], y[1])
+
+
+def test_loss_is_the_mean_over_heads_of_ce_with_labels_looked_up_by_index():
+    keras.utils.set_random_seed(0)
+    m = SeLa(_encoder(), num_train=50, num_clusters=5, num_heads=3)
+    m.compile(optimizer=keras.optimizers.SGD(0.0))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, [6, 8, 8, 1]).astype("float32")
+    idx = np.array([3, 49, 0, 17, 17, 8])
+    logits = m.head_logits(m.encoder(x)).numpy()  # [hc, B, K]
+    table = m.labels.numpy()
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    expected = -np.mean([logp[h, np.arange(6), table[h, idx]] for h in range(3)])
+    logs = m.train_on_batch({"unlabeled": {"weak": x, "index": idx}}, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_relabel_writes_the_sinkhorn_labels_of_each_head():
+    keras.utils.set_random_seed(0)
+    m = SeLa(_encoder(), num_train=64, num_clusters=4, num_heads=2, lam=10, tol=0.01)
+    feats = np.random.default_rng(0).normal(size=[64, m.feature_dim]).astype("float32")
+    before = m.labels.numpy().copy()
+    stats = m.relabel(feats, heads=[1])
+    after = m.labels.numpy()
+    np.testing.assert_array_equal(after[0], before[0])  # head 0 untouched
+    want = sinkhorn(tf.nn.log_softmax(m.cluster_heads[1](feats)), 10, 0.01).labels.numpy()
+    np.testing.assert_array_equal(after[1], want)
+    assert stats["sinkhorn_iterations"] >= 1
+    assert stats["labels_changed"] == pytest.approx(np.mean(after[1] != before[1]))
+
+
+def test_relabel_times():
+    assert relabel_times(9, 100, 5, "linear") == [0, 250, 500, 750, 1000]
+    assert relabel_times(1, 100, 3, "quadratic") == [0, 50, 200]
+    with pytest.raises(ValueError, match="schedule"):
+        relabel_times(1, 1, 2, "cubic")
+
+
+def _data(n=32, batch=8):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, [n, 8, 8, 1]).astype("float32")
+    idx = np.arange(n)
+    train = tf.data.Dataset.from_tensor_slices(
+        {"unlabeled": {"weak": x, "index": idx}}).batch(batch)
+    feats = tf.data.Dataset.from_tensor_slices({"image": x, "index": idx}).batch(16)
+    return train, feats
+
+
+def test_schedule_fires_at_the_image_counts_and_resumes_mid_schedule():
+    keras.utils.set_random_seed(0)
+    train, feats = _data()
+    m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2)
+    m.compile(optimizer=keras.optimizers.SGD(0.01))
+    cb = Relabel(feats, [0, 20, 40, 56], global_batch=8, verbose=False)
+    m.fit(train.repeat(), epochs=1, steps_per_epoch=6, verbose=0, callbacks=[cb])
+    # batch begins at 0, 8, 16, 24, 32, 40 images: 0 fires at 0, 20 at 24, 40 at 40.
+    assert [(h["call"], h["images_seen"]) for h in cb.history] == [(0, 0), (1, 24), (2, 40)]
+    # Resume: the step counter says 6 steps (48 images) were done.
+    cb2 = Relabel(feats, [0, 20, 40, 56], global_batch=8, verbose=False)
+    m.fit(train.repeat(), epochs=1, steps_per_epoch=2, verbose=0, callbacks=[cb2])
+    assert [(h["call"], h["images_seen"]) for h in cb2.history] == [(3, 56)]
+
+
+def test_one_head_per_call_rotates_heads():
+    keras.utils.set_random_seed(0)
+    train, feats = _data()
+    m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2)
+    m.compile(optimizer=keras.optimizers.SGD(0.01))
+    seen = []
+    orig = m.relabel
+    m.relabel = lambda f, heads=None: (seen.append(heads), orig(f, heads))[1]
+    cb = Relabel(feats, [0, 8, 16], global_batch=8, one_head_per_call=True, verbose=False)
+    m.fit(train.repeat(), epochs=1, steps_per_epoch=3, verbose=0, callbacks=[cb])
+    assert seen == [[0], [1], [0]]
+
+
+def test_two_replicas_match_one_device():
+    train, _ = _data(n=48, batch=8)
+
+    def build():
+        enc = models.encoder(models.small_cnn((8, 8, 1), width=4, norm="sync_batch"),
+                             (0.5,), (0.25,))
+        m = SeLa(enc, num_train=48, num_clusters=4, num_heads=2)
+        m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        return m
+
+    one, _ = testing.assert_replicas_match(build, train, steps=3)
+    assert any(k.endswith("labels") for k in one)
+
+
+def test_fit_loss_falls():
+    keras.utils.set_random_seed(0)
+    train, _ = _data(n=32, batch=16)
+    m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2)
+    m.compile(optimizer=keras.optimizers.Adam(0.01))
+    h = m.fit(train.repeat(), epochs=10, steps_per_epoch=4, verbose=0)
+    assert h.history["loss"][-1] < 0.85 * h.history["loss"][0]  # memorising random labels
+
+
+def test_registered_and_config_round_trip():
+    assert methods.get("sela") is SeLa
+    m = SeLa(_encoder(), num_train=10, num_clusters=3, num_heads=2, schedule="linear")
+    m2 = SeLa.from_config(m.get_config())
+    assert (m2.num_train, m2.num_clusters, m2.num_heads, m2.schedule) == (10, 3, 2, "linear")

@@ -1,0 +1,242 @@
+"""SeLa: self-labelling via simultaneous clustering and representation learning
+(Asano, Rupprecht & Vedaldi, ICLR 2020).
+
+The network is trained with cross-entropy against pseudo-labels, one label
+per image and head, looked up by dataset index; every so often the labels are
+recomputed by Sinkhorn-Knopp so that each head splits the dataset equally
+over its K clusters (``tfssl.ops.sinkhorn``). The loss never sees true labels.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfssl import augment
+from tfssl.methods.base import SSLModel
+from tfssl.ops.sinkhorn import sinkhorn
+
+
+def balanced_random_labels(num_heads: int, num_train: int, num_clusters: int,
+                           seed: int = 0) -> np.ndarray:
+    """int32 [hc, N]: per head a random permutation of ``i mod K`` (every
+    cluster gets floor or ceil of N/K images)."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(num_train) % num_clusters
+    return np.stack([rng.permutation(base) for _ in range(num_heads)]).astype(np.int32)
+
+
+def relabel_times(epochs: int, num_train: int, nopts: int, schedule: str = "quadratic"):
+    """Image counts at which to relabel: ``(epochs + 1) * N * s_j`` for
+    ``s = linspace(0, 1, nopts) ** p`` (p = 2 quadratic, ImageNet; p = 1 linear,
+    CIFAR), as the official code spreads its ``nopts`` optimisations; the first
+    is at 0. Sorted ints."""
+    if schedule not in ("quadratic", "linear"):
+        raise ValueError(f"schedule must be quadratic or linear, got {schedule!r}.")
+    if nopts < 1:
+        raise ValueError(f"nopts must be >= 1, got {nopts}.")
+    p = 2 if schedule == "quadratic" else 1
+    s = np.linspace(0.0, 1.0, nopts) ** p
+    return sorted(int(t) for t in (epochs + 1) * num_train * s)
+
+
+class SeLa(SSLModel):
+    """Backbone + ``num_heads`` linear heads of ``num_clusters`` clusters.
+
+    Data: ``{"unlabeled": {"weak": float [B, H, W, C], "index": int [B], ...}}``
+    (other entries are ignored).
+
+    Loss: ``L = 1/hc sum_h 1/B sum_b CE(y_h[index_b], softmax(W_h f(x_b)))``
+    with the label table ``y`` int32 [hc, N], a non-trainable state variable
+    written only by ``relabel``.
+
+    Args:
+      encoder: images -> features model.
+      num_train: N, the size of the dataset the indices address.
+      num_clusters: K per head.
+      num_heads: hc.
+      lam: Sinkhorn's lambda.
+      tol: Sinkhorn's stopping tolerance.
+      seed: seed of the initial balanced-random labels.
+      nopts, schedule, one_head_per_call: the relabelling schedule (see
+        ``relabel_times`` and ``Relabel``), used by ``training_callbacks``.
+    """
+
+    def __init__(self, encoder: keras.Model, num_train: int, num_clusters: int = 128,
+                 num_heads: int = 10, lam: float = 10.0, tol: float = 0.01, seed: int = 0,
+                 nopts: int = 100, schedule: str = "quadratic", one_head_per_call: bool = False,
+                 ema_decay: Optional[float] = None, **kwargs):
+        super().__init__(encoder, num_classes=None, ema_decay=ema_decay, **kwargs)
+        for name, v in (("num_train", num_train), ("num_clusters", num_clusters),
+                        ("num_heads", num_heads)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}.")
+        if num_clusters < 2:
+            raise ValueError(f"num_clusters must be >= 2, got {num_clusters}.")
+        if lam <= 0 or tol <= 0:
+            raise ValueError(f"lam and tol must be > 0, got {lam}, {tol}.")
+        self.num_train, self.num_clusters, self.num_heads = num_train, num_clusters, num_heads
+        self.lam, self.tol, self.seed = lam, tol, seed
+        relabel_times(1, 1, nopts, schedule)  # validates nopts / schedule
+        self.nopts, self.schedule, self.one_head_per_call = nopts, schedule, one_head_per_call
+        self.cluster_heads = []
+        for h in range(num_heads):
+            head = keras.layers.Dense(num_clusters, name=f"cluster_head_{h}")
+            head.build((None, self.feature_dim))
+            self.cluster_heads.append(head)
+        self.labels = self.state_variable("labels", (num_heads, num_train), dtype="int32")
+        self.labels.assign(balanced_random_labels(num_heads, num_train, num_clusters, seed))
+        self.loss_tracker = self.tracker("loss")
+        self.init_ema()
+
+    @classmethod
+    def views(cls, opts: Dict):
+        weak = augment.weak(**opts)
+        return {"weak": weak}, {"weak": weak}
+
+    @classmethod
+    def from_args(cls, encoder, source, **kwargs):
+        return cls(encoder=encoder, num_train=source.num_train + source.num_extra_unlabeled,
+                   **kwargs)
+
+    def training_callbacks(self, ctx) -> list:
+        """The relabelling schedule over the run, and NMI/ARI of head 0."""
+        from tfssl import data
+
+        source = ctx["source"]
+        ds = source.train()
+        if source.extra_unlabeled() is not None:
+            ds = ds.concatenate(source.extra_unlabeled())
+        feats = data.evaluation(ds, source.image_shape[0], 256)
+        times = relabel_times(ctx["epochs"], self.num_train, self.nopts, self.schedule)
+        return [Relabel(feats, times, ctx["unlabeled_batch_size"], self.one_head_per_call),
+                ClusterMetrics(source.train_labels)]
+
+    def head_logits(self, features):
+        """[hc, B, K] logits of every head."""
+        return tf.stack([tf.cast(h(features), tf.float32) for h in self.cluster_heads])
+
+    def train_step(self, data):
+        batch = self.unpack(data)["unlabeled"]
+        x, idx = batch["weak"], batch["index"]
+        targets = tf.gather(tf.convert_to_tensor(self.labels), idx, axis=1)  # [hc, B]
+        with tf.GradientTape() as tape:
+            logits = self.head_logits(self.encoder(x, training=True))
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+            loss = tf.reduce_mean(ce)  # mean over heads and the batch
+        self.apply_loss(tape, loss)
+        self.loss_tracker.update_state(loss)
+        return self.train_results()
+
+    def relabel(self, features: np.ndarray, heads=None) -> Dict[str, float]:
+        """New labels for ``heads`` (default all) by Sinkhorn-Knopp on
+        ``log_softmax(features @ W_h + b_h)``.
+
+        Args:
+          features: float32 [N, D] backbone features of every image, row i = index i.
+        Returns:
+          diagnostics: per relabel, Sinkhorn iterations / error / seconds and the
+          fraction of labels that changed (averaged over the heads done).
+        """
+        import time
+
+        heads = range(self.num_heads) if heads is None else heads
+        feats = tf.constant(features, tf.float32)
+        new = self.labels.numpy()
+        stats = {"sinkhorn_iterations": 0.0, "sinkhorn_error": 0.0, "sinkhorn_seconds": 0.0,
+                 "labels_changed": 0.0}
+        heads = list(heads)
+        for h in heads:
+            log_p = tf.nn.log_softmax(tf.cast(self.cluster_heads[h](feats), tf.float32))
+            t = time.perf_counter()
+            res = sinkhorn(log_p, self.lam, self.tol)
+            labels = res.labels.numpy()
+            stats["sinkhorn_seconds"] += time.perf_counter() - t
+            stats["sinkhorn_iterations"] += res.iterations
+            stats["sinkhorn_error"] += res.error
+            stats["labels_changed"] += float(np.mean(labels != new[h]))
+            new[h] = labels
+        self.labels.assign(new)
+        return {k: v / max(1, len(heads)) for k, v in stats.items()}
+
+    def get_config(self):
+        return {**super().get_config(), "num_train": self.num_train,
+                "num_clusters": self.num_clusters, "num_heads": self.num_heads,
+                "lam": self.lam, "tol": self.tol, "seed": self.seed, "nopts": self.nopts,
+                "schedule": self.schedule, "one_head_per_call": self.one_head_per_call}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.pop("num_classes", None)
+        return super().from_config(config)
+
+
+class Relabel(keras.callbacks.Callback):
+    """Runs ``SeLa.relabel`` when the images seen (optimizer steps x global
+    batch) pass each of ``times`` (see ``relabel_times``).
+
+    Images seen come from the optimizer's step counter, which checkpoints
+    restore, so a resumed run continues the schedule where it stood (relabels
+    after the last checkpoint are redone, those before are in the restored
+    label table). ``one_head_per_call``: head j of a call is ``call % hc``
+    (CIFAR schedule); otherwise all heads each time (ImageNet schedule).
+    """
+
+    def __init__(self, features_dataset: tf.data.Dataset, times, global_batch: int,
+                 one_head_per_call: bool = False, verbose: bool = True):
+        super().__init__()
+        self.data, self.times = features_dataset, sorted(times)
+        self.global_batch, self.one_head = global_batch, one_head_per_call
+        self.verbose = verbose
+        self.history = []
+
+    def _features(self):
+        enc = self.model.encoder
+        f = tf.function(lambda x: tf.cast(enc(x, training=False), tf.float32),
+                        reduce_retracing=True)
+        feats = np.zeros([self.model.num_train, self.model.feature_dim], np.float32)
+        for b in self.data:
+            feats[b["index"].numpy()] = f(b["image"]).numpy()
+        return feats
+
+    def on_train_batch_begin(self, batch, logs=None):
+        seen = int(self.model.optimizer.iterations.numpy()) * self.global_batch
+        due = [i for i, t in enumerate(self.times) if t <= seen]
+        done = getattr(self, "_done", None)
+        if done is None:  # on (re)start: everything before this step was done already
+            prev = max(seen - self.global_batch, -1)
+            self._done = done = {i for i, t in enumerate(self.times) if t <= prev} if seen else set()
+        todo = [i for i in due if i not in done]
+        if not todo:
+            return
+        call = todo[-1]
+        heads = [call % self.model.num_heads] if self.one_head else None
+        stats = self.model.relabel(self._features(), heads)
+        stats.update(call=call, images_seen=seen)
+        self.history.append(stats)
+        done.update(todo)
+        if self.verbose:
+            print(f"\nrelabel {call}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+
+
+class ClusterMetrics(keras.callbacks.Callback):
+    """Adds ``nmi`` and ``ari`` of head 0's pseudo-labels against the true
+    labels (where known) to the epoch logs."""
+
+    def __init__(self, true_labels: np.ndarray):
+        super().__init__()
+        self.true = np.asarray(true_labels)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from sklearn import metrics
+
+        pseudo = self.model.labels.numpy()[0][: len(self.true)]
+        known = self.true >= 0
+        if logs is not None and known.any():
+            logs["nmi"] = float(metrics.normalized_mutual_info_score(self.true[known], pseudo[known]))
+            logs["ari"] = float(metrics.adjusted_rand_score(self.true[known], pseudo[known]))
