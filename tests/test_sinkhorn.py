@@ -38,10 +38,11 @@ def _problem(n=300, k=7, scale=3.0, seed=0, skew=0.0):
     return _log_softmax(z).astype(np.float32)
 
 
-def test_matches_the_float64_reference_labels_marginals_and_iterations():
+@pytest.mark.parametrize("method", ["scaled", "log"])
+def test_matches_the_float64_reference_labels_marginals_and_iterations(method):
     log_p = _problem()
     want, q, iters = reference(log_p, lam=10, tol=0.01)
-    res = sinkhorn(log_p, lam=10, tol=0.01)
+    res = sinkhorn(log_p, lam=10, tol=0.01, method=method)
     np.testing.assert_array_equal(res.labels.numpy(), want)
     assert res.iterations == iters
     q_ours = np.exp(res.log_c.numpy()[:, None] + res.log_r.numpy()[None, :] + 10 * log_p)
@@ -50,10 +51,11 @@ def test_matches_the_float64_reference_labels_marginals_and_iterations():
     # successor c step only up to tol; rows exact).
     np.testing.assert_allclose(q_ours.sum(1), 1 / 300, rtol=1e-4)
     np.testing.assert_allclose(q_ours.sum(0), 1 / 7, rtol=0.02)
-    assert res.error < 0.01 and res.cost > 0
+    assert res.error < 0.01 and res.converged and res.cost > 0
 
 
-def test_log_domain_survives_where_float32_linear_space_underflows():
+@pytest.mark.parametrize("method", ["scaled", "log"])
+def test_survives_where_float32_linear_space_underflows(method):
     log_p = _problem(n=200, k=10, scale=6.0, seed=1)
     lam = 25.0
     with np.errstate(all="ignore"):
@@ -61,15 +63,16 @@ def test_log_domain_survives_where_float32_linear_space_underflows():
         r = np.float32(1 / 10) / (p32 @ np.full(200, 1 / 200, np.float32))
     assert not np.all(np.isfinite(r)) or (p32 == 0).mean() > 0.3  # linear float32 breaks
     want, _, _ = reference(log_p, lam=lam, tol=0.1)
-    res = sinkhorn(log_p, lam=lam, tol=0.1)
+    res = sinkhorn(log_p, lam=lam, tol=0.1, method=method)
     assert np.all(np.isfinite(res.log_r.numpy())) and np.all(np.isfinite(res.log_c.numpy()))
     np.testing.assert_array_equal(res.labels.numpy(), want)
 
 
-def test_chunked_equals_unchunked():
+@pytest.mark.parametrize("method", ["scaled", "log"])
+def test_chunked_equals_unchunked(method):
     log_p = _problem(n=257, k=5, seed=2)
-    whole = sinkhorn(log_p, lam=10, tol=0.01, chunk_size=10_000)
-    chunked = sinkhorn(log_p, lam=10, tol=0.01, chunk_size=16)  # 257 = 16 * 16 + 1
+    whole = sinkhorn(log_p, lam=10, tol=0.01, chunk_size=10_000, method=method)
+    chunked = sinkhorn(log_p, lam=10, tol=0.01, chunk_size=16, method=method)  # 257 = 16*16+1
     np.testing.assert_array_equal(chunked.labels.numpy(), whole.labels.numpy())
     np.testing.assert_allclose(chunked.log_r.numpy(), whole.log_r.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(chunked.log_c.numpy(), whole.log_c.numpy(), rtol=1e-5, atol=1e-5)
@@ -92,16 +95,41 @@ def test_sharded_over_two_replicas_equals_one_device():
     assert two.cost == pytest.approx(one.cost, rel=1e-4)
 
 
-def test_equipartition_even_when_the_model_prefers_one_cluster():
+@pytest.mark.parametrize("method", ["scaled", "log"])
+def test_equipartition_even_when_the_model_prefers_one_cluster(method):
     log_p = _problem(n=1000, k=10, scale=1.0, seed=4, skew=3.0)
     assert np.bincount(log_p.argmax(1), minlength=10)[0] > 500  # argmax is lopsided
-    res = sinkhorn(log_p, lam=25, tol=0.01)
+    res = sinkhorn(log_p, lam=25, tol=0.01, method=method)
     counts = np.bincount(res.labels.numpy(), minlength=10)
     assert counts.min() >= 80 and counts.max() <= 120  # about N/K = 100 each
 
 
 def test_iteration_bound_and_bad_arguments():
     res = sinkhorn(_problem(), lam=10, tol=1e-12, max_iters=7)
-    assert res.iterations == 7
+    assert res.iterations == 7 and not res.converged
     with pytest.raises(ValueError, match="lambda"):
         sinkhorn(_problem(), lam=0)
+
+
+def test_scaled_equals_log_on_a_confident_model_with_large_lambda():
+    # p^25 spans far more than float32's range: absorption must keep it stable.
+    log_p = _problem(n=500, k=20, scale=8.0, seed=5, skew=10.0)
+    a = sinkhorn(log_p, lam=25, tol=0.01, method="scaled")
+    b = sinkhorn(log_p, lam=25, tol=0.01, method="log")
+    want, _, iters = reference(log_p, lam=25, tol=0.01)
+    np.testing.assert_array_equal(a.labels.numpy(), b.labels.numpy())
+    np.testing.assert_array_equal(a.labels.numpy(), want)
+    assert a.iterations == b.iterations == iters
+    np.testing.assert_allclose(a.log_r.numpy() - a.log_r.numpy().mean(),
+                               b.log_r.numpy() - b.log_r.numpy().mean(), rtol=1e-4, atol=1e-3)
+    assert a.cost == pytest.approx(b.cost, rel=1e-3)
+
+
+def test_scaled_in_place_on_a_variable():
+    log_p = _problem(n=300, k=6, seed=6)
+    want = sinkhorn(log_p, lam=10, tol=0.01, method="log")
+    var = tf.Variable(log_p)
+    got = sinkhorn(var, lam=10, tol=0.01, overwrite=True, chunk_size=64)
+    np.testing.assert_array_equal(got.labels.numpy(), want.labels.numpy())
+    assert not np.allclose(var.numpy(), log_p)  # the kernel now lives there
+    assert got.cost == pytest.approx(want.cost, rel=1e-3)
