@@ -75,7 +75,7 @@ flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
 METHOD_FLAGS = {
     "supervised": ["label_smoothing"],
     "sela": ["num_clusters", "num_heads", "lam", "tol", "nopts", "schedule",
-             "one_head_per_call"],
+             "one_head_per_call", "relabel_mode", "max_iters"],
 }
 flags.DEFINE_float("supervised_label_smoothing", 0.0, "Label smoothing of the baseline's CE.")
 flags.DEFINE_integer("sela_num_clusters", 128, "SeLa: clusters K per head.")
@@ -85,6 +85,10 @@ flags.DEFINE_float("sela_tol", 0.01, "SeLa: Sinkhorn tolerance (0.1 ImageNet, 0.
 flags.DEFINE_integer("sela_nopts", 100, "SeLa: number of relabellings over the run.")
 flags.DEFINE_enum("sela_schedule", "quadratic", ["quadratic", "linear"],
                   "SeLa: relabel times spread quadratically (ImageNet) or linearly (CIFAR).")
+flags.DEFINE_enum("sela_relabel_mode", "train", ["train", "eval"],
+                  "SeLa: relabelling pass on augmented images in training mode (official) "
+                  "or on plain images in inference mode.")
+flags.DEFINE_integer("sela_max_iters", 1000, "SeLa: Sinkhorn iteration bound.")
 flags.DEFINE_boolean("sela_one_head_per_call", False,
                      "SeLa: relabel one head per call (CIFAR) instead of all (ImageNet).")
 

@@ -73,12 +73,13 @@ def _data(n=32, batch=8):
 def test_schedule_fires_at_the_image_counts_and_resumes_mid_schedule():
     keras.utils.set_random_seed(0)
     train, feats = _data()
-    m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2)
+    m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2, relabel_mode="eval")
     m.compile(optimizer=keras.optimizers.SGD(0.01))
     cb = Relabel(feats, [0, 20, 40, 56], global_batch=8, verbose=False)
     m.fit(train.repeat(), epochs=1, steps_per_epoch=6, verbose=0, callbacks=[cb])
     # batch begins at 0, 8, 16, 24, 32, 40 images: 0 fires at 0, 20 at 24, 40 at 40.
     assert [(h["call"], h["images_seen"]) for h in cb.history] == [(0, 0), (1, 24), (2, 40)]
+    assert m.history.history["relabel_sinkhorn_iterations"][-1] >= 1  # in the epoch logs
     # Resume: the step counter says 6 steps (48 images) were done.
     cb2 = Relabel(feats, [0, 20, 40, 56], global_batch=8, verbose=False)
     m.fit(train.repeat(), epochs=1, steps_per_epoch=2, verbose=0, callbacks=[cb2])
@@ -126,3 +127,34 @@ def test_registered_and_config_round_trip():
     m = SeLa(_encoder(), num_train=10, num_clusters=3, num_heads=2, schedule="linear")
     m2 = SeLa.from_config(m.get_config())
     assert (m2.num_train, m2.num_clusters, m2.num_heads, m2.schedule) == (10, 3, 2, "linear")
+
+
+def test_relabel_pass_is_distributed_and_gathered_by_index():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, [40, 8, 8, 1]).astype("float32")
+    perm = rng.permutation(40)  # the pass may see the images in any order
+    feats_ds = tf.data.Dataset.from_tensor_slices(
+        {"image": x[perm], "index": perm.astype("int64")}).batch(12)  # 12, 12, 12, 4
+    strategy = testing.mirrored_cpu_strategy(2)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        m = SeLa(_encoder(), num_train=40, num_clusters=4, num_heads=1, relabel_mode="eval")
+    cb = Relabel(feats_ds, [0], global_batch=8, verbose=False)
+    cb.set_model(m)
+    got = cb._features()
+    np.testing.assert_allclose(got, m.encoder(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_relabel_mode_train_runs_the_network_in_training_mode():
+    keras.utils.set_random_seed(0)
+    enc = models.encoder(models.small_cnn((8, 8, 1), width=4, norm="batch"), (0.5,), (0.25,))
+    m = SeLa(enc, num_train=16, num_clusters=4, num_heads=1, relabel_mode="train")
+    _, feats = _data(n=16)
+    cb = Relabel(feats, [0], global_batch=8, verbose=False)
+    cb.set_model(m)
+    bn = [v for v in m.encoder.weights if "moving_mean" in v.path][0]
+    before = bn.numpy().copy()
+    cb._features()
+    assert not np.allclose(bn.numpy(), before)  # BN ran on batch statistics and updated
+    with pytest.raises(ValueError, match="relabel_mode"):
+        SeLa(_encoder(), num_train=4, num_clusters=2, num_heads=1, relabel_mode="test")

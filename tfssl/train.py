@@ -301,7 +301,8 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                  *model.training_callbacks(dict(
                      source=source, labeled_ids=labeled_ids, epochs=cfg.epochs,
                      steps_per_epoch=steps, batch_size=cfg.batch_size,
-                     unlabeled_batch_size=b_u)),
+                     unlabeled_batch_size=b_u, labeled_views=labeled_views,
+                     unlabeled_views=unlabeled_views)),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, "backup")),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),

@@ -88,7 +88,8 @@ class SSLModel(keras.Model):
         """Callbacks the method needs during ``fit`` (e.g. SeLa's relabelling).
 
         ``ctx`` has ``source``, ``labeled_ids``, ``epochs``, ``steps_per_epoch``,
-        ``batch_size`` and ``unlabeled_batch_size`` (global)."""
+        ``batch_size`` and ``unlabeled_batch_size`` (global), and the
+        ``labeled_views`` / ``unlabeled_views`` dicts."""
         return []
 
     @property

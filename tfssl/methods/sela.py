@@ -9,6 +9,7 @@ over its K clusters (``tfssl.ops.sinkhorn``). The loss never sees true labels.
 
 from __future__ import annotations
 
+import time
 from typing import Dict, Optional
 
 import keras
@@ -17,7 +18,7 @@ import tensorflow as tf
 
 from tfssl import augment
 from tfssl.methods.base import SSLModel
-from tfssl.ops.sinkhorn import sinkhorn
+from tfssl.ops.sinkhorn import sinkhorn, write_rows
 
 
 def balanced_random_labels(num_heads: int, num_train: int, num_clusters: int,
@@ -63,11 +64,16 @@ class SeLa(SSLModel):
       seed: seed of the initial balanced-random labels.
       nopts, schedule, one_head_per_call: the relabelling schedule (see
         ``relabel_times`` and ``Relabel``), used by ``training_callbacks``.
+      relabel_mode: ``train`` (the official pass: augmented images, network in
+        training mode, so BN uses batch statistics and updates its moving
+        averages) or ``eval`` (unaugmented images, inference mode).
+      max_iters: Sinkhorn's iteration bound.
     """
 
     def __init__(self, encoder: keras.Model, num_train: int, num_clusters: int = 128,
                  num_heads: int = 10, lam: float = 10.0, tol: float = 0.01, seed: int = 0,
                  nopts: int = 100, schedule: str = "quadratic", one_head_per_call: bool = False,
+                 relabel_mode: str = "train", max_iters: int = 1000,
                  ema_decay: Optional[float] = None, **kwargs):
         super().__init__(encoder, num_classes=None, ema_decay=ema_decay, **kwargs)
         for name, v in (("num_train", num_train), ("num_clusters", num_clusters),
@@ -82,6 +88,11 @@ class SeLa(SSLModel):
         self.lam, self.tol, self.seed = lam, tol, seed
         relabel_times(1, 1, nopts, schedule)  # validates nopts / schedule
         self.nopts, self.schedule, self.one_head_per_call = nopts, schedule, one_head_per_call
+        if relabel_mode not in ("train", "eval"):
+            raise ValueError(f"relabel_mode must be train or eval, got {relabel_mode!r}.")
+        if max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
+        self.relabel_mode, self.max_iters = relabel_mode, max_iters
         self.cluster_heads = []
         for h in range(num_heads):
             head = keras.layers.Dense(num_clusters, name=f"cluster_head_{h}")
@@ -110,7 +121,12 @@ class SeLa(SSLModel):
         ds = source.train()
         if source.extra_unlabeled() is not None:
             ds = ds.concatenate(source.extra_unlabeled())
-        feats = data.evaluation(ds, source.image_shape[0], 256)
+        if self.relabel_mode == "train":  # the training view, as the official pass
+            view = ctx["unlabeled_views"]["weak"]
+            feats = ds.map(lambda e: {"image": view(e["image"]), "index": e["index"]},
+                           num_parallel_calls=tf.data.AUTOTUNE).batch(256).prefetch(2)
+        else:
+            feats = data.evaluation(ds, source.image_shape[0], 256)
         times = relabel_times(ctx["epochs"], self.num_train, self.nopts, self.schedule)
         return [Relabel(feats, times, ctx["unlabeled_batch_size"], self.one_head_per_call),
                 ClusterMetrics(source.train_labels)]
@@ -141,32 +157,42 @@ class SeLa(SSLModel):
           diagnostics: per relabel, Sinkhorn iterations / error / seconds and the
           fraction of labels that changed (averaged over the heads done).
         """
-        import time
-
-        heads = range(self.num_heads) if heads is None else heads
-        feats = tf.constant(features, tf.float32)
+        heads = list(range(self.num_heads) if heads is None else heads)
+        n, k = self.num_train, self.num_clusters
         new = self.labels.numpy()
         stats = {"sinkhorn_iterations": 0.0, "sinkhorn_error": 0.0, "sinkhorn_seconds": 0.0,
                  "labels_changed": 0.0}
-        heads = list(heads)
+        # log P is written chunk by chunk into one [N, K] buffer; past 2 GB the
+        # kernel is built in that same buffer (no second copy: ImageNet's
+        # 1.28M x 3000 then needs 15 GB, not 31).
+        in_place = n * k * 4 > 2e9
+        log_p = tf.Variable(tf.zeros([n, k], tf.float32), trainable=False)
+        step = 65536
         for h in heads:
-            log_p = tf.nn.log_softmax(tf.cast(self.cluster_heads[h](feats), tf.float32))
+            head = self.cluster_heads[h]
+            for start in range(0, n, step):
+                end = min(start + step, n)
+                block = tf.constant(features[start:end], tf.float32)
+                write_rows(log_p, start, tf.nn.log_softmax(tf.cast(head(block), tf.float32)))
             t = time.perf_counter()
-            res = sinkhorn(log_p, self.lam, self.tol)
+            res = sinkhorn(log_p, self.lam, self.tol, max_iters=self.max_iters,
+                           overwrite=in_place)
             labels = res.labels.numpy()
             stats["sinkhorn_seconds"] += time.perf_counter() - t
             stats["sinkhorn_iterations"] += res.iterations
             stats["sinkhorn_error"] += res.error
             stats["labels_changed"] += float(np.mean(labels != new[h]))
             new[h] = labels
+        del log_p
         self.labels.assign(new)
-        return {k: v / max(1, len(heads)) for k, v in stats.items()}
+        return {name: v / max(1, len(heads)) for name, v in stats.items()}
 
     def get_config(self):
         return {**super().get_config(), "num_train": self.num_train,
                 "num_clusters": self.num_clusters, "num_heads": self.num_heads,
                 "lam": self.lam, "tol": self.tol, "seed": self.seed, "nopts": self.nopts,
-                "schedule": self.schedule, "one_head_per_call": self.one_head_per_call}
+                "schedule": self.schedule, "one_head_per_call": self.one_head_per_call,
+                "relabel_mode": self.relabel_mode, "max_iters": self.max_iters}
 
     @classmethod
     def from_config(cls, config):
@@ -193,14 +219,39 @@ class Relabel(keras.callbacks.Callback):
         self.global_batch, self.one_head = global_batch, one_head_per_call
         self.verbose = verbose
         self.history = []
+        self.last = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        """The last relabelling's diagnostics go to the epoch logs (TensorBoard)."""
+        if logs is not None and self.last is not None:
+            logs.update({f"relabel_{k}": float(v) for k, v in self.last.items()
+                         if k not in ("call", "images_seen")})
 
     def _features(self):
-        enc = self.model.encoder
-        f = tf.function(lambda x: tf.cast(enc(x, training=False), tf.float32),
-                        reduce_retracing=True)
-        feats = np.zeros([self.model.num_train, self.model.feature_dim], np.float32)
-        for b in self.data:
-            feats[b["index"].numpy()] = f(b["image"]).numpy()
+        """One pass over the dataset: backbone features [N, D] by index. Under a
+        strategy each replica embeds its part of every batch and the features
+        and indices are gathered from all replicas."""
+        model = self.model
+        strategy = model.distribute_strategy
+        training = getattr(model, "relabel_mode", "eval") == "train"
+        enc = model.encoder
+
+        @tf.function(reduce_retracing=True)
+        def embed(batch):
+            def fn(b):
+                return tf.cast(enc(b["image"], training=training), tf.float32), b["index"]
+            f, i = strategy.run(fn, (batch,))
+            return strategy.gather(f, axis=0), strategy.gather(i, axis=0)
+
+        feats = np.zeros([model.num_train, model.feature_dim], np.float32)
+        seen = np.zeros([model.num_train], bool)
+        for batch in strategy.experimental_distribute_dataset(self.data):
+            f, i = embed(batch)
+            i = i.numpy()
+            feats[i] = f.numpy()
+            seen[i] = True
+        if not seen.all():
+            raise ValueError(f"the relabelling pass saw {seen.sum()} of {len(seen)} images.")
         return feats
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -218,6 +269,7 @@ class Relabel(keras.callbacks.Callback):
         stats = self.model.relabel(self._features(), heads)
         stats.update(call=call, images_seen=seen)
         self.history.append(stats)
+        self.last = stats
         done.update(todo)
         if self.verbose:
             print(f"\nrelabel {call}: " + ", ".join(

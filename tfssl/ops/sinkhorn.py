@@ -232,9 +232,24 @@ def _scaled_assign(kern, r, c, alpha, beta, lam, n):
 
 def _dense_reads(var: tf.Variable):
     """Slice assignment puts a resource variable in copy-on-read mode: every
-    later read copies the whole buffer (half the speed here, and twice the
-    memory for a 15 GB kernel). Turn it off once the kernel is written."""
+    later read copies the whole buffer (half the speed here, and a second
+    15 GB buffer for ImageNet's kernel). Turn it off before reading."""
     tf.raw_ops.DisableCopyOnRead(resource=var.handle)
+
+
+def read_rows(var: tf.Variable, start: int, end: int) -> tf.Tensor:
+    """Rows [start, end) of a [N, K] variable without copying all of it."""
+    _dense_reads(var)
+    return var[start:end]
+
+
+def write_rows(var: tf.Variable, start: int, value) -> None:
+    """Writes ``value`` into rows [start, start + len) of a [N, K] variable in
+    place (no read of the variable, so no whole-buffer copy)."""
+    value = tf.convert_to_tensor(value, var.dtype)
+    tf.raw_ops.ResourceStridedSliceAssign(
+        ref=var.handle, begin=[start, 0], end=[start + int(value.shape[0]), int(var.shape[1])],
+        strides=[1, 1], value=value)
 
 
 @tf.function(reduce_retracing=True)
@@ -250,6 +265,10 @@ def _scaled_step(kern, c, n, k):
                        tf.reduce_max(tf.abs(tf.math.log(r))))
     err = tf.reduce_sum(tf.abs(c / c_new - 1.0))
     return r, c_new, tf.stack([tf.cast(finite, tf.float32), drift, err])
+
+
+def _rows(src, start, end):
+    return read_rows(src, start, end) if isinstance(src, tf.Variable) else src[start:end]
 
 
 def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
@@ -291,8 +310,8 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
     kern = src if in_place else tf.Variable(tf.zeros([n, k], tf.float32), trainable=False)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        kern[start:end].assign(_fill_kernel(tf.convert_to_tensor(src[start:end]),
-                                            log_c[start:end], log_r, lam))
+        write_rows(kern, start, _fill_kernel(_rows(src, start, end), log_c[start:end],
+                                             log_r, lam))
     _dense_reads(kern)
     alpha, beta = log_c, log_r
     c = tf.ones([n])
@@ -315,17 +334,17 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 if in_place:  # the input is gone: rescale what the kernel holds
-                    block = _absorb_block(kern[start:end], c[start:end], r)
+                    block = _absorb_block(read_rows(kern, start, end), c[start:end], r)
                 else:  # rebuild from the input: entries that underflowed come back
-                    block = _fill_kernel(tf.convert_to_tensor(src[start:end]),
-                                         alpha[start:end], beta, lam)
-                kern[start:end].assign(block)
+                    block = _fill_kernel(_rows(src, start, end), alpha[start:end], beta, lam)
+                write_rows(kern, start, block)
             _dense_reads(kern)
             c, r = tf.ones([n]), tf.ones([k])
     labels, cost = [], 0.0
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        lab, part = _scaled_assign(kern[start:end], r, c[start:end], alpha[start:end], beta,
+        lab, part = _scaled_assign(read_rows(kern, start, end), r, c[start:end],
+                                   alpha[start:end], beta,
                                    lam, tf.cast(n, tf.float32))
         labels.append(lab)
         cost += float(part)
