@@ -75,7 +75,7 @@ flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
 METHOD_FLAGS = {
     "supervised": ["label_smoothing"],
     "sela": ["num_clusters", "num_heads", "lam", "tol", "nopts", "schedule",
-             "one_head_per_call", "relabel_mode", "max_iters"],
+             "one_head_per_call", "relabel_mode", "max_iters", "augmentation"],
 }
 flags.DEFINE_float("supervised_label_smoothing", 0.0, "Label smoothing of the baseline's CE.")
 flags.DEFINE_integer("sela_num_clusters", 128, "SeLa: clusters K per head.")
@@ -89,6 +89,8 @@ flags.DEFINE_enum("sela_relabel_mode", "train", ["train", "eval"],
                   "SeLa: relabelling pass on augmented images in training mode (official) "
                   "or on plain images in inference mode.")
 flags.DEFINE_integer("sela_max_iters", 1000, "SeLa: Sinkhorn iteration bound.")
+flags.DEFINE_enum("sela_augmentation", "weak", ["strong", "weak"],
+                  "SeLa: training view, weak (flip/crop) or strong (+ RandAugment, Cutout).")
 flags.DEFINE_boolean("sela_one_head_per_call", False,
                      "SeLa: relabel one head per call (CIFAR) instead of all (ImageNet).")
 

@@ -35,7 +35,7 @@ def test_loss_is_the_mean_over_heads_of_ce_with_labels_looked_up_by_index():
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     expected = -np.mean([logp[h, np.arange(6), table[h, idx]] for h in range(3)])
-    logs = m.train_on_batch({"unlabeled": {"weak": x, "index": idx}}, return_dict=True)
+    logs = m.train_on_batch({"unlabeled": {"view": x, "index": idx}}, return_dict=True)
     assert logs["loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -65,7 +65,7 @@ def _data(n=32, batch=8):
     x = rng.uniform(0, 1, [n, 8, 8, 1]).astype("float32")
     idx = np.arange(n)
     train = tf.data.Dataset.from_tensor_slices(
-        {"unlabeled": {"weak": x, "index": idx}}).batch(batch)
+        {"unlabeled": {"view": x, "index": idx}}).batch(batch)
     feats = tf.data.Dataset.from_tensor_slices({"image": x, "index": idx}).batch(16)
     return train, feats
 

@@ -247,7 +247,8 @@ def _prepare(cfg: TrainConfig):
     # Seed Python, NumPy, TF and Keras before anything random is built (views
     # draw their layer seeds at construction).
     keras.utils.set_random_seed(cfg.seed)
-    labeled_views, unlabeled_views = method_cls.views(view_options(cfg.dataset, source.image_shape))
+    labeled_views, unlabeled_views = method_cls.views(
+        view_options(cfg.dataset, source.image_shape), **cfg.method_args)
     b_u = cfg.unlabeled_batch_size
     if b_u is None:
         b_u = 7 * cfg.batch_size if unlabeled_views else 0

@@ -73,9 +73,11 @@ class SSLModel(keras.Model):
 
     # ------------------------------------------------------- construction
     @classmethod
-    def views(cls, opts: Dict) -> Tuple[Dict, Optional[Dict]]:
+    def views(cls, opts: Dict, **method_args) -> Tuple[Dict, Optional[Dict]]:
         """The method's (labeled, unlabeled) views, given the dataset's weak-view
-        options (``tfssl.train.view_options``). Default: labeled weak only."""
+        options (``tfssl.train.view_options``) and the method's own arguments
+        (those that choose views are read, the rest ignored). Default: labeled
+        weak only."""
         return {"weak": augment.weak(**opts)}, None
 
     @classmethod

@@ -47,7 +47,7 @@ def relabel_times(epochs: int, num_train: int, nopts: int, schedule: str = "quad
 class SeLa(SSLModel):
     """Backbone + ``num_heads`` linear heads of ``num_clusters`` clusters.
 
-    Data: ``{"unlabeled": {"weak": float [B, H, W, C], "index": int [B], ...}}``
+    Data: ``{"unlabeled": {"view": float [B, H, W, C], "index": int [B], ...}}``
     (other entries are ignored).
 
     Loss: ``L = 1/hc sum_h 1/B sum_b CE(y_h[index_b], softmax(W_h f(x_b)))``
@@ -68,13 +68,14 @@ class SeLa(SSLModel):
         training mode, so BN uses batch statistics and updates its moving
         averages) or ``eval`` (unaugmented images, inference mode).
       max_iters: Sinkhorn's iteration bound.
+      augmentation: ``strong`` or ``weak`` training view (see ``views``).
     """
 
     def __init__(self, encoder: keras.Model, num_train: int, num_clusters: int = 128,
                  num_heads: int = 10, lam: float = 10.0, tol: float = 0.01, seed: int = 0,
                  nopts: int = 100, schedule: str = "quadratic", one_head_per_call: bool = False,
                  relabel_mode: str = "train", max_iters: int = 1000,
-                 ema_decay: Optional[float] = None, **kwargs):
+                 augmentation: str = "weak", ema_decay: Optional[float] = None, **kwargs):
         super().__init__(encoder, num_classes=None, ema_decay=ema_decay, **kwargs)
         for name, v in (("num_train", num_train), ("num_clusters", num_clusters),
                         ("num_heads", num_heads)):
@@ -93,6 +94,8 @@ class SeLa(SSLModel):
         if max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
         self.relabel_mode, self.max_iters = relabel_mode, max_iters
+        self.views(dict(size=8, channels=1), augmentation)  # validates augmentation
+        self.augmentation = augmentation
         self.cluster_heads = []
         for h in range(num_heads):
             head = keras.layers.Dense(num_clusters, name=f"cluster_head_{h}")
@@ -104,9 +107,14 @@ class SeLa(SSLModel):
         self.init_ema()
 
     @classmethod
-    def views(cls, opts: Dict):
-        weak = augment.weak(**opts)
-        return {"weak": weak}, {"weak": weak}
+    def views(cls, opts: Dict, augmentation: str = "weak", **unused):
+        """Unlabeled ``view``: the weak view (flip/crop, default) or the strong
+        one (weak + RandAugment + Cutout). Labeled data is not used. (On the
+        8x8 digits the strong view hurt: BENCHMARKS.md.)"""
+        if augmentation not in ("weak", "strong"):
+            raise ValueError(f"augmentation must be weak or strong, got {augmentation!r}.")
+        view = augment.strong(**opts) if augmentation == "strong" else augment.weak(**opts)
+        return {"weak": augment.weak(**opts)}, {"view": view}
 
     @classmethod
     def from_args(cls, encoder, source, **kwargs):
@@ -122,7 +130,7 @@ class SeLa(SSLModel):
         if source.extra_unlabeled() is not None:
             ds = ds.concatenate(source.extra_unlabeled())
         if self.relabel_mode == "train":  # the training view, as the official pass
-            view = ctx["unlabeled_views"]["weak"]
+            view = ctx["unlabeled_views"]["view"]
             feats = ds.map(lambda e: {"image": view(e["image"]), "index": e["index"]},
                            num_parallel_calls=tf.data.AUTOTUNE).batch(256).prefetch(2)
         else:
@@ -137,7 +145,7 @@ class SeLa(SSLModel):
 
     def train_step(self, data):
         batch = self.unpack(data)["unlabeled"]
-        x, idx = batch["weak"], batch["index"]
+        x, idx = batch["view"], batch["index"]
         targets = tf.gather(tf.convert_to_tensor(self.labels), idx, axis=1)  # [hc, B]
         with tf.GradientTape() as tape:
             logits = self.head_logits(self.encoder(x, training=True))
@@ -192,7 +200,8 @@ class SeLa(SSLModel):
                 "num_clusters": self.num_clusters, "num_heads": self.num_heads,
                 "lam": self.lam, "tol": self.tol, "seed": self.seed, "nopts": self.nopts,
                 "schedule": self.schedule, "one_head_per_call": self.one_head_per_call,
-                "relabel_mode": self.relabel_mode, "max_iters": self.max_iters}
+                "relabel_mode": self.relabel_mode, "max_iters": self.max_iters,
+                "augmentation": self.augmentation}
 
     @classmethod
     def from_config(cls, config):
