@@ -158,3 +158,21 @@ def test_relabel_mode_train_runs_the_network_in_training_mode():
     assert not np.allclose(bn.numpy(), before)  # BN ran on batch statistics and updated
     with pytest.raises(ValueError, match="relabel_mode"):
         SeLa(_encoder(), num_train=4, num_clusters=2, num_heads=1, relabel_mode="test")
+
+
+def test_relabelling_inside_fit_under_two_replicas():
+    strategy = testing.mirrored_cpu_strategy(2)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2, relabel_mode="eval")
+        m.compile(optimizer=keras.optimizers.SGD(0.1))
+    train, feats = _data(n=32, batch=8)
+    cb = Relabel(feats, [0, 16], global_batch=8, verbose=False)
+    before = m.labels.numpy().copy()
+    m.fit(train.repeat(), epochs=1, steps_per_epoch=3, verbose=0, callbacks=[cb])
+    assert [h["call"] for h in cb.history] == [0, 1]
+    labels = strategy.experimental_local_results(m.labels.value)
+    np.testing.assert_array_equal(labels[0].numpy(), labels[1].numpy())  # same on both replicas
+    assert not np.array_equal(labels[0].numpy(), before)
+    with strategy.scope(), pytest.raises(RuntimeError, match="outside"):
+        sinkhorn(np.zeros([4, 2], np.float32), 10)

@@ -161,6 +161,7 @@ class SeLa(SSLModel):
 
         Args:
           features: float32 [N, D] backbone features of every image, row i = index i.
+            Call outside ``strategy.scope()`` (the ``Relabel`` callback does).
         Returns:
           diagnostics: per relabel, Sinkhorn iterations / error / seconds and the
           fraction of labels that changed (averaged over the heads done).

@@ -275,6 +275,11 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
             absorb_at: float = 20.0, warmup_max: int = 100):
     """Stabilised scaling (see the module docstring). Returns None when a
     kernel sum underflows and the input is still there to retry in log space."""
+    if tf.distribute.has_strategy():
+        raise RuntimeError(
+            "sinkhorn() builds its [N, K] kernel in a local variable: call it outside "
+            "strategy.scope() (Keras callbacks already run outside it), or pass the rows "
+            "sharded over replicas with strategy=.")
     in_place = overwrite and isinstance(log_p, tf.Variable)
     if isinstance(log_p, tf.Variable):
         _dense_reads(log_p)  # a slice-filled input would otherwise be copied on read
