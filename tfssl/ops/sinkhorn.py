@@ -271,6 +271,15 @@ def _rows(src, start, end):
     return read_rows(src, start, end) if isinstance(src, tf.Variable) else src[start:end]
 
 
+def _build_kernel(kern, src, alpha, beta, lam, chunk):
+    """kern <- exp(lam * log p + alpha_i + beta_k), block by block from ``src``."""
+    n = int(kern.shape[0])
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        write_rows(kern, start, _fill_kernel(_rows(src, start, end), alpha[start:end], beta, lam))
+    _dense_reads(kern)
+
+
 def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
             absorb_at: float = 20.0, warmup_max: int = 100):
     """Stabilised scaling (see the module docstring). Returns None when a
@@ -313,12 +322,8 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
         return SinkhornResult(labels, log_r, log_c, it, err, float(cost) / n, tol)
     # Absorb: Kt = exp(lam log p + log c + log r), chunk by chunk, in place if allowed.
     kern = src if in_place else tf.Variable(tf.zeros([n, k], tf.float32), trainable=False)
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        write_rows(kern, start, _fill_kernel(_rows(src, start, end), log_c[start:end],
-                                             log_r, lam))
-    _dense_reads(kern)
     alpha, beta = log_c, log_r
+    _build_kernel(kern, src, alpha, beta, lam, chunk)
     c = tf.ones([n])
     r = tf.ones([k])
     while err > tol and it < max_iters:
@@ -336,14 +341,14 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
         it += 1
         if drift > absorb_at:
             alpha, beta = alpha + tf.math.log(c), beta + tf.math.log(r)
-            for start in range(0, n, chunk):
-                end = min(start + chunk, n)
-                if in_place:  # the input is gone: rescale what the kernel holds
-                    block = _absorb_block(read_rows(kern, start, end), c[start:end], r)
-                else:  # rebuild from the input: entries that underflowed come back
-                    block = _fill_kernel(_rows(src, start, end), alpha[start:end], beta, lam)
-                write_rows(kern, start, block)
-            _dense_reads(kern)
+            if in_place:  # the input is gone: rescale what the kernel holds
+                for start in range(0, n, chunk):
+                    end = min(start + chunk, n)
+                    write_rows(kern, start,
+                               _absorb_block(read_rows(kern, start, end), c[start:end], r))
+                _dense_reads(kern)
+            else:  # rebuild from the input: entries that underflowed come back
+                _build_kernel(kern, src, alpha, beta, lam, chunk)
             c, r = tf.ones([n]), tf.ones([k])
     labels, cost = [], 0.0
     for start in range(0, n, chunk):
