@@ -29,7 +29,6 @@ def _cfg(tmp_path, **kw):
     (dict(labels_per_class=None), "exactly one of --labels_per_class and --label_fraction"),
     (dict(data_dir="/no/such/dir", dataset="cifar10"), "--data_dir='/no/such/dir' does not exist"),
     (dict(dataset="folder"), "--dataset=folder needs --data_dir"),
-    (dict(strategy="multi_worker"), "--strategy=multi_worker is not supported yet"),
     (dict(optimizer="rmsprop"), "--optimizer='rmsprop' is not one of"),
     (dict(dataset="imagenet2012", download=True), "--manual_dir"),
 ])

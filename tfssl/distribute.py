@@ -10,16 +10,115 @@ Everything a method needs to behave the same on one device and on N replicas:
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any, Dict, Optional
+
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
-MULTI_WORKER_REFUSAL = (
-    "--strategy=multi_worker is not supported yet: Keras 3's fit() fails under "
-    "MultiWorkerMirroredStrategy for models with a custom train_step (its "
-    "symbolic build and its per-step metric reduction both break). Use "
-    "--strategy=mirrored on one host until tfssl's multi-worker support lands."
+TF_CONFIG_EXAMPLE = (
+    'TF_CONFIG=\'{"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
+    '"task": {"type": "worker", "index": 0}}\''
 )
+
+# Collectives that wait longer than this for a peer fail instead of hanging:
+# with the coordination service's heartbeats, a killed worker stops the others
+# with an error (tested: well within two minutes).
+COLLECTIVE_TIMEOUT_S = 600
+
+
+def parse_tf_config(raw: Optional[str] = None) -> Dict[str, Any]:
+    """Reads and checks the standard ``TF_CONFIG`` cluster description.
+
+    Args:
+      raw: the JSON text; ``None`` reads the ``TF_CONFIG`` environment variable.
+
+    Returns:
+      The parsed dict, with ``cluster`` (``worker`` and optional ``chief`` lists
+      of ``host:port``) and ``task`` (``type``, ``index``) checked.
+
+    Raises:
+      ValueError: missing, not JSON, or naming a task outside the cluster; the
+        message says what is wrong and shows a valid example.
+    """
+    if raw is None:
+        raw = os.environ.get("TF_CONFIG")
+    hint = f" Example for worker 0 of two: {TF_CONFIG_EXAMPLE}."
+    if not raw:
+        raise ValueError("--strategy=multi_worker reads the cluster from the TF_CONFIG "
+                         "environment variable, which is not set (for one machine, "
+                         "scripts/launch_local.py sets it for you)." + hint)
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e.msg} at position {e.pos})." + hint) from e
+    if not isinstance(config, dict):
+        raise ValueError("TF_CONFIG must be a JSON object with 'cluster' and 'task'." + hint)
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ValueError("TF_CONFIG has no 'cluster' object." + hint)
+    for job, addresses in cluster.items():
+        if job not in ("chief", "worker", "evaluator", "ps"):
+            raise ValueError(f"TF_CONFIG cluster job {job!r} is not one of chief, worker.")
+        if job in ("evaluator", "ps"):
+            raise ValueError(f"TF_CONFIG names a {job!r} job: MultiWorkerMirroredStrategy "
+                             "uses only 'chief' and 'worker'.")
+        if (not isinstance(addresses, list) or not addresses
+                or not all(isinstance(a, str) and ":" in a for a in addresses)):
+            raise ValueError(f"TF_CONFIG cluster[{job!r}] must be a non-empty list of "
+                             f"'host:port' strings, got {addresses!r}.")
+    if "worker" not in cluster and "chief" not in cluster:
+        raise ValueError("TF_CONFIG cluster lists no 'worker'." + hint)
+    if len(cluster.get("chief", [])) > 1:
+        raise ValueError("TF_CONFIG cluster lists more than one 'chief'.")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ValueError("TF_CONFIG has no 'task' with 'type' and 'index'." + hint)
+    kind, index = task["type"], task["index"]
+    if kind not in cluster:
+        raise ValueError(f"TF_CONFIG task type {kind!r} is not a job of the cluster "
+                         f"({sorted(cluster)}).")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[kind]):
+        raise ValueError(f"TF_CONFIG task index {index!r} is outside cluster[{kind!r}], "
+                         f"which has {len(cluster[kind])} task(s).")
+    return config
+
+
+def is_chief(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+    """Whether this process writes the run's outputs (summary, logs, exports).
+
+    True outside multi-worker training; under it, for the ``chief`` task, or for
+    worker 0 when the cluster has no chief (the TensorFlow convention).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not is_multi_worker(strategy) or resolver is None:
+        return True
+    kind, index = resolver.task_type, resolver.task_id
+    return kind == "chief" or (kind == "worker" and index == 0
+                               and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def is_multi_worker(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+    """True under a MultiWorkerMirroredStrategy that spans more than one worker."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
+
+
+def multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    """``MultiWorkerMirroredStrategy`` over the cluster that ``TF_CONFIG`` names.
+
+    Checks ``TF_CONFIG`` first (clear errors). Collectives use the ring
+    implementation on CPU (NCCL where every worker has GPUs) and time out after
+    ``COLLECTIVE_TIMEOUT_S`` instead of hanging when a peer dies.
+    """
+    parse_tf_config()
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO,
+        timeout_seconds=COLLECTIVE_TIMEOUT_S)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
 def configure_cpu_devices(num_devices: int) -> None:
@@ -60,12 +159,13 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
       name: ``auto`` (mirrored over all GPUs if more than one, else over the
         logical CPUs if more than one, else default), ``default`` (one device),
         ``mirrored`` (all GPUs, or all logical CPU devices when there is no GPU),
-        ``tpu``, or ``multi_worker`` (refused for now, with the reason).
+        ``tpu``, or ``multi_worker`` (``MultiWorkerMirroredStrategy`` over the
+        cluster in the ``TF_CONFIG`` environment variable; batch sizes stay global).
     """
     if name not in STRATEGIES:
         raise ValueError(f"--strategy={name!r} is not one of {STRATEGIES}.")
     if name == "multi_worker":
-        raise ValueError(MULTI_WORKER_REFUSAL)
+        return multi_worker_strategy()
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)

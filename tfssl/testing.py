@@ -33,13 +33,14 @@ def mirrored_cpu_strategy(num_replicas: int = 2) -> tf.distribute.MirroredStrate
 
 
 def train_steps(build_model: Callable[[], keras.Model], dataset: tf.data.Dataset,
-                strategy: tf.distribute.Strategy, steps: int, seed: int = 0):
+                strategy: tf.distribute.Strategy, steps: int, seed: int = 0, callbacks=()):
     """Builds (seeded) and compiles under ``strategy``, fits ``steps`` steps on
     ``dataset`` (global batches). Returns (model, {variable: value}, fit logs)."""
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         model = build_model()
-    history = model.fit(dataset.take(steps), epochs=1, steps_per_epoch=steps, verbose=0)
+    history = model.fit(dataset.take(steps), epochs=1, steps_per_epoch=steps, verbose=0,
+                        callbacks=list(callbacks))
     logs = {k: v[-1] for k, v in history.history.items()}
     return model, snapshot(model, strategy), logs
 
@@ -92,3 +93,100 @@ def assert_replicas_match(build_model: Callable[[], keras.Model], dataset: tf.da
         np.testing.assert_allclose(many[path], one[path], rtol=rtol, atol=atol,
                                    err_msg=f"{path}: {num_replicas} replicas != 1 device")
     return one, many
+
+
+# --------------------------------------------------------------- multi-worker
+def _load_case(case: str):
+    """``path/to/file.py:function`` -> the function (loaded from the file)."""
+    import importlib.util
+
+    path, _, name = case.rpartition(":")
+    spec = importlib.util.spec_from_file_location("_tfssl_multi_worker_case", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def run_case(case: str, strategy: tf.distribute.Strategy, steps: int, seed: int = 0):
+    """Trains the case ``path.py:function`` (a function returning
+    ``(build_model, dataset_of_global_batches)``) for ``steps`` steps under
+    ``strategy``; returns (snapshot, fit logs)."""
+    build_model, dataset, *rest = _load_case(case)()
+    callbacks = rest[0]() if rest else ()
+    _, snap, logs = train_steps(build_model, dataset, strategy, steps, seed, callbacks)
+    return snap, logs
+
+
+def assert_workers_match(case: str, num_workers: int = 2, steps: int = 3, rtol: float = 1e-4,
+                         atol: float = 1e-5, timeout_s: float = 300, log_dir: str = None):
+    """Asserts that ``num_workers`` worker processes on 127.0.0.1 under
+    ``MultiWorkerMirroredStrategy`` train the case to the same weights, state
+    and fit logs as this process on one device, on the same global batches.
+
+    Args:
+      case: ``"tests/file.py:function"``; the function returns
+        ``(build_model, dataset)`` as for ``assert_replicas_match``, or
+        ``(build_model, dataset, make_callbacks)``, and must
+        be importable from a fresh process (deterministic data, seeded model).
+      num_workers: worker processes (one CPU thread each).
+    Returns:
+      (one-process snapshot, list of the workers' snapshots).
+    """
+    import os
+    import sys
+    import tempfile
+
+    from tfssl import launch
+
+    out = tempfile.mkdtemp(prefix="tfssl-workers-")
+    log_dir = log_dir or out
+    command = [sys.executable, "-m", "tfssl.testing", case, str(steps), out]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    rc = launch.launch(num_workers, command, log_dir, threads_per_worker=1, stream_chief=False,
+                       timeout_s=timeout_s, env=env)
+    if rc:
+        logs = "\n".join(f"--- worker{i}.log ---\n" + open(os.path.join(log_dir, f"worker{i}.log")).read()[-3000:]
+                         for i in range(num_workers))
+        raise AssertionError(f"a worker exited with code {rc}\n{logs}")
+    one, one_logs = run_case(case, tf.distribute.get_strategy(), steps)
+    workers = []
+    for i in range(num_workers):
+        with np.load(os.path.join(out, f"worker{i}.npz")) as z:
+            snap = {k[2:]: z[k] for k in z.files if k.startswith("w:")}
+            logs = {k[2:]: float(z[k]) for k in z.files if k.startswith("l:")}
+        assert set(logs) == set(one_logs), (sorted(logs), sorted(one_logs))
+        for k in one_logs:
+            if "seconds" in k:  # timings are logged, not compared
+                continue
+            np.testing.assert_allclose(logs[k], one_logs[k], rtol=rtol, atol=atol,
+                                       err_msg=f"logged {k}: worker {i} of {num_workers} != 1 process")
+        assert set(snap) == set(one), sorted(set(snap) ^ set(one))
+        for path in one:
+            np.testing.assert_allclose(snap[path], one[path], rtol=rtol, atol=atol,
+                                       err_msg=f"{path}: worker {i} of {num_workers} != 1 process")
+        workers.append(snap)
+    return one, workers
+
+
+def _worker_main(argv):
+    """``python -m tfssl.testing CASE STEPS OUT``: one worker of
+    ``assert_workers_match`` (TF_CONFIG from the launcher)."""
+    import json
+    import os
+
+    case, steps, out = argv[1], int(argv[2]), argv[3]
+    from tfssl import distribute
+
+    strategy = distribute.make_strategy("multi_worker")
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    snap, logs = run_case(case, strategy, steps)
+    arrays = {f"w:{k}": v for k, v in snap.items()}
+    arrays.update({f"l:{k}": np.asarray(v) for k, v in logs.items()})
+    np.savez(os.path.join(out, f"worker{task}.npz"), **arrays)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker_main(sys.argv)

@@ -13,10 +13,13 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Dict, Optional
 
 
+BACKUP_DIR = "backup"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -114,7 +117,10 @@ class TrainConfig:
         if self.strategy not in distribute.STRATEGIES:
             raise ConfigError(f"--strategy={self.strategy!r} is not one of {distribute.STRATEGIES}.")
         if self.strategy == "multi_worker":
-            raise ConfigError(distribute.MULTI_WORKER_REFUSAL)
+            try:
+                distribute.parse_tf_config()
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         if self.num_cpu_devices < 1:
             raise ConfigError(f"--num_cpu_devices must be >= 1, got {self.num_cpu_devices}.")
         if self.image_size is not None and self.image_size < 8:
@@ -219,10 +225,13 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(
             "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
+    cfg, prepared, scratch = prepared[0], prepared[1:-1], prepared[-1]
     try:
         return _train(cfg, callbacks, *prepared)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _prepare(cfg: TrainConfig):
@@ -258,9 +267,36 @@ def _prepare(cfg: TrainConfig):
         if b % replicas:
             raise ValueError(f"--{flag}={b} (global) does not divide by the {replicas} "
                              f"replicas of --strategy={cfg.strategy}.")
+    cfg, scratch = _worker_outputs(cfg, strategy)
     os.makedirs(cfg.workdir, exist_ok=True)
     data.write_labeled_ids(cfg.workdir, labeled_ids, source.train_labels, cfg.seed)
-    return strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u
+    return cfg, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u, scratch
+
+
+def _worker_outputs(cfg: TrainConfig, strategy):
+    """Where this process writes. The chief (and any single-process run) writes
+    to ``--workdir``/``--export_dir``. Other multi-worker tasks run the same
+    program, saves included (reading some variables is a collective that every
+    worker must join), into a scratch directory removed at the end; they start
+    from a copy of the chief's backup, so a rerun resumes on every worker from
+    the same epoch. The workdir must therefore be on storage that all workers
+    see (a shared file system or a bucket), as with any Keras multi-worker run.
+
+    Returns:
+      (the config this process uses, the scratch directory to remove or None).
+    """
+    from tfssl import distribute
+
+    if distribute.is_chief(strategy):
+        return cfg, None
+    resolver = strategy.cluster_resolver
+    scratch = tempfile.mkdtemp(prefix=f"tfssl-{resolver.task_type}{resolver.task_id}-")
+    workdir = os.path.join(scratch, cfg.run_name)
+    chief_backup = os.path.join(cfg.workdir, BACKUP_DIR)
+    if os.path.isdir(chief_backup):
+        shutil.copytree(chief_backup, os.path.join(workdir, BACKUP_DIR))
+    export_dir = os.path.join(scratch, "export") if cfg.export_dir else None
+    return dataclasses.replace(cfg, workdir=workdir, export_dir=export_dir), scratch
 
 
 def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u):
@@ -304,7 +340,8 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                      steps_per_epoch=steps, batch_size=cfg.batch_size,
                      unlabeled_batch_size=b_u, labeled_views=labeled_views,
                      unlabeled_views=unlabeled_views)),
-                 keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, "backup")),
+                 keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
+                                                  double_checkpoint=True),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]

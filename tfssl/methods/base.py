@@ -20,12 +20,41 @@ The base gives it:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
 from tfssl import augment, distribute
+
+
+def _multi_worker_logs(step):
+    """Wraps a ``train_step``/``test_step`` so that ``fit`` works under
+    ``MultiWorkerMirroredStrategy``.
+
+    Upstream behaviour (Keras 3.8-3.15, ``keras/src/backend/tensorflow/trainer.py``,
+    ``reduce_per_replica``): under a multi-worker collective strategy the
+    returned logs are reduced with ``strategy.reduce("MEAN", v, axis=0)``,
+    which fails for the scalar values every step returns ("Invalid reduction
+    dimension 0"). Returning them with shape [1] makes that mean defined and
+    equal to the value (the trackers already hold global-batch values). Only
+    multi-worker runs are touched. ``tests/test_multi_worker.py`` fails if a
+    Keras upgrade changes the behaviour this relies on.
+    """
+    if getattr(step, "_tfssl_multi_worker_logs", False):
+        return step
+
+    @functools.wraps(step)
+    def wrapped(self, data):
+        logs = step(self, data)
+        if isinstance(logs, dict) and distribute.is_multi_worker(self.distribute_strategy):
+            logs = {k: (tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v)
+                    for k, v in logs.items()}
+        return logs
+
+    wrapped._tfssl_multi_worker_logs = True
+    return wrapped
 
 
 class SSLModel(keras.Model):
@@ -70,6 +99,31 @@ class SSLModel(keras.Model):
         # subclasses build theirs in __init__ too, so fit() never needs a
         # symbolic build from a batch.
         self.built = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("train_step", "test_step"):
+            if name in cls.__dict__:
+                setattr(cls, name, _multi_worker_logs(cls.__dict__[name]))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Upstream behaviour (Keras 3.8-3.15, TensorFlowTrainer._maybe_symbolic_build):
+        # before the first step Keras takes the first per-replica batch and
+        # reduces it across replicas with an eager cross-replica MEAN; under
+        # MultiWorkerMirroredStrategy that collective fails. Our models are
+        # built in __init__; the symbolic build only needs a batch's
+        # structure, so under multi-worker this worker's local first batch is
+        # used, consumed from the iterator exactly as upstream does.
+        if iterator is not None and distribute.is_multi_worker(self.distribute_strategy):
+            local = self.distribute_strategy.experimental_local_results
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tf.nest.map_structure(
+                    lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,
+                    batch)
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # ------------------------------------------------------- construction
     @classmethod
@@ -197,6 +251,7 @@ class SSLModel(keras.Model):
             return h
         return self.head(h)
 
+    @_multi_worker_logs
     def test_step(self, data):
         """Top-1 accuracy and CE of the classifier on ``{"image", "label"}`` batches."""
         if self.head is None:

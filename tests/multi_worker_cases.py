@@ -1,0 +1,54 @@
+"""Training cases for ``tfssl.testing.assert_workers_match``: each function
+returns ``(build_model, dataset_of_global_batches[, callbacks])`` and is loaded
+by file path in fresh worker processes, so it must be self-contained and
+deterministic. One case per landed method; add yours when a method lands."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfssl import methods, models
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0, 1, [n, 8, 8, 1]).astype("float32"),
+            rng.integers(0, 10, [n]).astype("int64"))
+
+
+def _encoder():
+    return models.encoder(models.small_cnn((8, 8, 1), width=8, norm="sync_batch"), (0.5,), (0.25,))
+
+
+def supervised():
+    x, y = _images(24)
+    data = tf.data.Dataset.from_tensor_slices(
+        {"labeled": {"weak": x, "label": y, "index": np.arange(24)}}).batch(8)
+
+    def build():
+        m = methods.Supervised(_encoder(), 10, ema_decay=0.9)
+        m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-3))
+        return m
+
+    return build, data
+
+
+def sela():
+    """SeLa with its relabelling callback: the feature pass is sharded over the
+    workers and gathered by index, then Sinkhorn runs on the whole dataset."""
+    from tfssl.methods.sela import Relabel
+
+    x, _ = _images(48, seed=1)
+    idx = np.arange(48)
+    data = tf.data.Dataset.from_tensor_slices({"unlabeled": {"view": x, "index": idx}}).batch(8)
+    feats = tf.data.Dataset.from_tensor_slices({"image": x, "index": idx}).batch(16)
+
+    def build():
+        m = methods.SeLa(_encoder(), num_train=48, num_clusters=4, num_heads=2)
+        m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        return m
+
+    def callbacks():
+        return [Relabel(feats, [0, 16], global_batch=8, verbose=False)]
+
+    return build, data, callbacks

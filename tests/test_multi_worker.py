@@ -1,0 +1,80 @@
+"""fit under MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1 ==
+1 process on the same global batches, TF_CONFIG checks, the launcher, and a
+killed worker (the survivor stops; a rerun resumes)."""
+
+import inspect
+import json
+import os
+
+import pytest
+
+from tfssl import distribute, testing
+
+CASES = os.path.join(os.path.dirname(__file__), "multi_worker_cases.py")
+
+
+def test_keras_behaviour_the_base_model_works_around_is_unchanged():
+    # If a Keras upgrade changes either, revisit SSLModel._maybe_symbolic_build
+    # and _multi_worker_logs (tfssl/methods/base.py): they may become unneeded,
+    # or wrong.
+    from keras.src.backend.tensorflow import trainer
+
+    build = inspect.getsource(trainer.TensorFlowTrainer._maybe_symbolic_build)
+    assert "distribute_strategy.reduce" in build
+    reduce = inspect.getsource(trainer.reduce_per_replica)
+    assert 'strategy.reduce("MEAN", v, axis=0)' in reduce
+
+
+@pytest.mark.parametrize("case", ["supervised", "sela"])
+def test_two_workers_match_one_process(case, tmp_path):
+    one, workers = testing.assert_workers_match(f"{CASES}:{case}", num_workers=2, steps=3,
+                                                log_dir=str(tmp_path))
+    if case == "sela":
+        labels = [k for k in one if k.endswith("labels")]
+        assert labels and all((w[labels[0]] == one[labels[0]]).all() for w in workers)
+
+
+@pytest.mark.parametrize("raw,msg", [
+    (None, "TF_CONFIG environment variable, which is not set"),
+    ("{not json", "not valid JSON"),
+    ('["a"]', "must be a JSON object"),
+    ('{"task": {"type": "worker", "index": 0}}', "no 'cluster'"),
+    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+     "'host:port'"),
+    ('{"cluster": {"worker": ["h:1", "h:2"]}}', "no 'task'"),
+    ('{"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 2}}',
+     "index 2 is outside"),
+    ('{"cluster": {"worker": ["h:1"]}, "task": {"type": "chief", "index": 0}}',
+     "'chief' is not a job"),
+    ('{"cluster": {"worker": ["h:1"], "ps": ["h:2"]}, "task": {"type": "worker", "index": 0}}',
+     "uses only 'chief' and 'worker'"),
+])
+def test_bad_tf_config_is_a_clear_error(monkeypatch, raw, msg):
+    if raw is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", raw)
+    with pytest.raises(ValueError, match=msg):
+        distribute.parse_tf_config()
+    from tfssl.train import ConfigError, TrainConfig, run
+
+    with pytest.raises(ConfigError, match=msg):
+        run(TrainConfig(strategy="multi_worker", workdir="/nonexistent/never-created"))
+
+
+def test_good_tf_config_parses():
+    cfg = {"cluster": {"chief": ["h:0"], "worker": ["h:1", "h:2"]}, "task": {"type": "worker",
+                                                                           "index": 1}}
+    assert distribute.parse_tf_config(json.dumps(cfg)) == cfg
+
+
+def test_local_tf_configs():
+    from tfssl import launch
+
+    configs = launch.local_tf_configs(3)
+    workers = configs[0]["cluster"]["worker"]
+    assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") for w in workers)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert all(c["cluster"] == configs[0]["cluster"] for c in configs)
+    for c in configs:
+        distribute.parse_tf_config(json.dumps(c))

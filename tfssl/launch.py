@@ -1,0 +1,125 @@
+"""Start a multi-worker cluster of local processes (how one tries
+``--strategy=multi_worker`` on a single machine, and how the tests run it).
+
+Each worker is ``python <script> <args> --strategy=multi_worker`` with its own
+``TF_CONFIG`` naming every worker at ``127.0.0.1:<free port>``. The chief's
+(worker 0's) output is streamed; the others' goes to ``worker<i>.log`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+
+def free_ports(n: int) -> List[int]:
+    """``n`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def local_tf_configs(num_workers: int) -> List[Dict]:
+    """One ``TF_CONFIG`` dict per worker of a cluster on 127.0.0.1."""
+    if num_workers < 1:
+        raise ValueError(f"--num_workers must be >= 1, got {num_workers}.")
+    workers = [f"127.0.0.1:{p}" for p in free_ports(num_workers)]
+    return [{"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+            for i in range(num_workers)]
+
+
+def worker_env(tf_config: Dict, threads: Optional[int] = None,
+               base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of one worker: ``TF_CONFIG`` and, if ``threads`` is set,
+    TensorFlow's intra/inter-op and OpenMP thread counts."""
+    env = dict(os.environ if base is None else base)
+    env["TF_CONFIG"] = json.dumps(tf_config)
+    if threads:
+        for var in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+            env[var] = str(threads)
+    return env
+
+
+def launch(num_workers: int, command: Sequence[str], log_dir: str,
+           threads_per_worker: Optional[int] = None, stream_chief: bool = True,
+           timeout_s: Optional[float] = None, env: Optional[Dict[str, str]] = None) -> int:
+    """Runs ``command`` (argv, e.g. ``[python, scripts/train.py, ...]``) as
+    ``num_workers`` worker processes on 127.0.0.1 and waits for all of them.
+
+    Args:
+      num_workers: N worker processes; worker 0 is the chief.
+      command: the argv every worker runs (``TF_CONFIG`` differs per worker).
+      log_dir: where ``worker<i>.log`` files go (the chief's too, when not streamed).
+      threads_per_worker: CPU threads each worker may use (None: TF's default).
+      stream_chief: copy the chief's output to this process's stdout as it comes.
+      timeout_s: kill every worker after this many seconds (exit code 124).
+      env: the base environment (default: this process's).
+
+    Returns:
+      0 if every worker exited 0, else the first non-zero exit code in order of
+      exit (a worker that fails first is the cause; the others usually fail after).
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    procs, logs = [], []
+    for i, tf_config in enumerate(local_tf_configs(num_workers)):
+        e = worker_env(tf_config, threads_per_worker, env)
+        if i == 0 and stream_chief:
+            procs.append(subprocess.Popen(command, env=e, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1))
+            logs.append(None)
+        else:
+            f = open(os.path.join(log_dir, f"worker{i}.log"), "w")
+            logs.append(f)
+            procs.append(subprocess.Popen(command, env=e, stdout=f, stderr=subprocess.STDOUT))
+    if stream_chief:
+        _stream(procs[0])
+    start, first_failure = time.time(), 0
+    pending = set(range(num_workers))
+    try:
+        while pending:
+            for i in sorted(pending):
+                rc = procs[i].poll()
+                if rc is not None:
+                    pending.discard(i)
+                    if rc != 0 and first_failure == 0:
+                        first_failure = rc
+            if timeout_s is not None and time.time() - start > timeout_s:
+                for i in pending:
+                    procs[i].kill()
+                first_failure = first_failure or 124
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            if f is not None:
+                f.close()
+    return first_failure
+
+
+def _stream(proc: subprocess.Popen) -> None:
+    """Copies ``proc``'s output to stdout from a background thread."""
+    import threading
+
+    def pump():
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    threading.Thread(target=pump, daemon=True).start()
