@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags, logging  # noqa: E402
 
-from tfssl.train import ConfigError, TrainConfig  # noqa: E402
+from tfssl.train import ConfigError, TrainConfig, WorkerLost  # noqa: E402
 
 F = flags.FLAGS
 d = TrainConfig()
@@ -116,6 +116,8 @@ def main(argv):
     try:
         summary = run(cfg)
     except ConfigError as e:  # found before training: a message, not a traceback
+        sys.exit(f"error: {e}")
+    except WorkerLost as e:
         sys.exit(f"error: {e}")
     print(f"summary: {os.path.join(cfg.workdir, 'summary.json')}")
     print({k: summary[k] for k in ("method", "dataset", "num_labeled", "metrics", "export")})

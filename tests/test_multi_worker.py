@@ -78,3 +78,46 @@ def test_local_tf_configs():
     assert all(c["cluster"] == configs[0]["cluster"] for c in configs)
     for c in configs:
         distribute.parse_tf_config(json.dumps(c))
+
+
+def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tfssl import launch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    command = [sys.executable, os.path.join(root, "scripts", "train.py"),
+               f"--flagfile={root}/flags/digits.cfg", "--epochs=3", "--steps_per_epoch=6",
+               "--batch_size=16", "--eval_every=100", f"--workdir={workdir}", "--export_dir=",
+               "--verbose=2", "--strategy=multi_worker"]
+    procs, logs = launch.start(2, command, str(tmp_path / "logs"), threads_per_worker=1)
+    try:
+        meta = workdir / "backup" / "training_metadata.json"
+        t0 = time.time()
+        while not meta.exists():  # the chief backed up epoch 1
+            assert procs[0].poll() is None and procs[1].poll() is None, "a worker died early"
+            assert time.time() - t0 < 240, "no backup after 240 s"
+            time.sleep(0.2)
+        procs[1].kill()  # SIGKILL
+        t1 = time.time()
+        rc = procs[0].wait(timeout=120)
+        assert rc != 0 and time.time() - t1 < 120
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f and f.close()
+    chief_log = (tmp_path / "logs" / "worker0.log").read_text()
+    assert "error: a worker of the cluster failed or became unreachable" in chief_log
+    assert not (workdir / "summary.json").exists()
+    rc = launch.launch(2, command, str(tmp_path / "logs2"), threads_per_worker=1,
+                       stream_chief=False, timeout_s=300)
+    assert rc == 0, (tmp_path / "logs2" / "worker0.log").read_text()[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3 and summary["global_steps"] == 3 * 6
+    assert len(summary["history"]["loss_x"]) < 3  # the rerun resumed, not restarted

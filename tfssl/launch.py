@@ -53,6 +53,27 @@ def worker_env(tf_config: Dict, threads: Optional[int] = None,
     return env
 
 
+def start(num_workers: int, command: Sequence[str], log_dir: str,
+          threads_per_worker: Optional[int] = None, pipe_chief: bool = False,
+          env: Optional[Dict[str, str]] = None):
+    """Starts the worker processes (see ``launch``) and returns
+    ``(processes, open log files)``; the chief's output is a pipe if
+    ``pipe_chief``, else ``<log_dir>/worker0.log``."""
+    os.makedirs(log_dir, exist_ok=True)
+    procs, logs = [], []
+    for i, tf_config in enumerate(local_tf_configs(num_workers)):
+        e = worker_env(tf_config, threads_per_worker, env)
+        if i == 0 and pipe_chief:
+            procs.append(subprocess.Popen(command, env=e, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1))
+            logs.append(None)
+        else:
+            f = open(os.path.join(log_dir, f"worker{i}.log"), "w")
+            logs.append(f)
+            procs.append(subprocess.Popen(command, env=e, stdout=f, stderr=subprocess.STDOUT))
+    return procs, logs
+
+
 def launch(num_workers: int, command: Sequence[str], log_dir: str,
            threads_per_worker: Optional[int] = None, stream_chief: bool = True,
            timeout_s: Optional[float] = None, env: Optional[Dict[str, str]] = None) -> int:
@@ -72,21 +93,10 @@ def launch(num_workers: int, command: Sequence[str], log_dir: str,
       0 if every worker exited 0, else the first non-zero exit code in order of
       exit (a worker that fails first is the cause; the others usually fail after).
     """
-    os.makedirs(log_dir, exist_ok=True)
-    procs, logs = [], []
-    for i, tf_config in enumerate(local_tf_configs(num_workers)):
-        e = worker_env(tf_config, threads_per_worker, env)
-        if i == 0 and stream_chief:
-            procs.append(subprocess.Popen(command, env=e, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, bufsize=1))
-            logs.append(None)
-        else:
-            f = open(os.path.join(log_dir, f"worker{i}.log"), "w")
-            logs.append(f)
-            procs.append(subprocess.Popen(command, env=e, stdout=f, stderr=subprocess.STDOUT))
+    procs, logs = start(num_workers, command, log_dir, threads_per_worker, stream_chief, env)
     if stream_chief:
         _stream(procs[0])
-    start, first_failure = time.time(), 0
+    began, first_failure = time.time(), 0
     pending = set(range(num_workers))
     try:
         while pending:
@@ -96,7 +106,7 @@ def launch(num_workers: int, command: Sequence[str], log_dir: str,
                     pending.discard(i)
                     if rc != 0 and first_failure == 0:
                         first_failure = rc
-            if timeout_s is not None and time.time() - start > timeout_s:
+            if timeout_s is not None and time.time() - began > timeout_s:
                 for i in pending:
                     procs[i].kill()
                 first_failure = first_failure or 124

@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     """A flag or an input that cannot work, found before training starts."""
 
 
+class WorkerLost(RuntimeError):
+    """Multi-worker training stopped because a peer worker died or became
+    unreachable; rerunning every worker resumes from the last backup."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One field per ``scripts/train.py`` flag (same names, same meaning)."""
@@ -301,8 +306,9 @@ def _worker_outputs(cfg: TrainConfig, strategy):
 
 def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u):
     import keras
+    import tensorflow as tf
 
-    from tfssl import data, evaluation, export
+    from tfssl import data, distribute, evaluation, export
 
     replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
@@ -351,9 +357,21 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
         verbose = 1 if sys.stdout.isatty() else 2
     step0 = int(model.optimizer.iterations.numpy())
     start = time.time()
-    history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps,
-                        validation_data=test_ds if has_head and not use_ema else None,
-                        validation_freq=cfg.eval_every, callbacks=callbacks, verbose=verbose)
+    try:
+        history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps,
+                            validation_data=test_ds if has_head and not use_ema else None,
+                            validation_freq=cfg.eval_every, callbacks=callbacks, verbose=verbose)
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as e:
+        if not distribute.is_multi_worker(strategy):
+            raise
+        keys = ("abort", "reset", "unavailable", "fail", "timed out", "heartbeat", "deadline")
+        first = next((line.strip() for line in str(e.message or "").splitlines()
+                      if any(k in line.lower() for k in keys)), type(e).__name__)
+        raise WorkerLost(
+            f"a worker of the cluster failed or became unreachable ({first}). Rerun every "
+            f"worker with the same flags: training resumes from the last epoch backed up in "
+            f"--workdir={cfg.workdir!r}.") from e
     train_seconds = time.time() - start
     global_steps = int(model.optimizer.iterations.numpy())
     run_steps = global_steps - step0
