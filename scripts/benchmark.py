@@ -19,6 +19,15 @@ MFU = FLOPs / step seconds / peak, as ../shared/PERFORMANCE.md defines them:
 
     python scripts/benchmark.py --mode=throughput --method=supervised \
         --backbone=wrn28_2 --image_size=32 --batch_size=64
+
+Mode ``multi_worker``: the throughput step and a short digits run with
+scripts/train.py, once in one process with ``--threads`` CPU threads and once
+as ``--num_workers`` local workers (scripts/launch_local.py's machinery) with
+``--threads / --num_workers`` threads each; also times one all-reduce of the
+gradients' size between the workers (the collective share of a step):
+
+    python scripts/benchmark.py --mode=multi_worker --method=supervised \
+        --backbone=wrn28_2 --batch_size=64 --num_workers=2 --threads=2
 """
 
 import datetime
@@ -37,7 +46,10 @@ from absl import app, flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput", "sinkhorn"], "What to measure.")
+flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput", "sinkhorn", "multi_worker"],
+                  "What to measure. multi_worker: one process with --threads threads vs "
+                  "--num_workers local workers with --threads/--num_workers threads each, on "
+                  "the throughput step (random tensors) and on a digits run.")
 flags.DEFINE_list("sinkhorn_sizes", ["50000x128", "200000x1000"],
                   "sinkhorn: problems NxK (e.g. 1281167x3000 for full ImageNet).")
 flags.DEFINE_integer("sinkhorn_official_iters", 1000,
@@ -58,6 +70,11 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one run each.")
 flags.DEFINE_string("workroot", "runs/benchmark", "Where the runs' workdirs go.")
 flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file the rows are appended to.")
 flags.DEFINE_string("note", "", "Free text for the row (e.g. what the goal is).")
+flags.DEFINE_string("strategy", "default", "throughput: default | multi_worker (TF_CONFIG).")
+flags.DEFINE_string("result_json", "", "throughput: write the result here instead of a row.")
+flags.DEFINE_integer("num_workers", 2, "multi_worker: worker processes.")
+flags.DEFINE_integer("threads", 2, "multi_worker: CPU threads in all (split over the workers).")
+flags.DEFINE_integer("digits_epochs", 5, "multi_worker: epochs of the digits run.")
 F = flags.FLAGS
 
 HEADER = ("| date | commit | method | flagfile | extra flags | seeds | metric | mean | min | max "
@@ -153,6 +170,9 @@ def throughput():
     from tfssl import methods, models
     from tfssl.models.flops import forward_flops
 
+    from tfssl import distribute
+
+    strategy = distribute.make_strategy(F.strategy)  # before any op (multi-worker needs it)
     os_onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
     peak = _peak_gflops()
     shape = (F.image_size, F.image_size, F.channels)
@@ -161,10 +181,11 @@ def throughput():
         num_classes = F.num_classes
 
     keras.utils.set_random_seed(0)
-    encoder = models.encoder(models.get_backbone(F.backbone, shape), (0.5,) * F.channels,
-                             (0.25,) * F.channels)
-    model = methods.get(F.method).from_args(encoder=encoder, source=_Source())
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    with strategy.scope():
+        encoder = models.encoder(models.get_backbone(F.backbone, shape), (0.5,) * F.channels,
+                                 (0.25,) * F.channels)
+        model = methods.get(F.method).from_args(encoder=encoder, source=_Source())
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     opts = dict(size=F.image_size, channels=F.channels, flip=True, pad=F.image_size // 8)
     lab_views, unl_views = methods.get(F.method).views(opts)
     rng = np.random.default_rng(0)
@@ -199,12 +220,104 @@ def throughput():
     step_flops = fwd * STEP_PASSES[F.method](F.batch_size, F.unlabeled_batch_size)
     images = F.batch_size + F.unlabeled_batch_size
     mfu = step_flops / step_s / (peak * 1e9)
+    if F.result_json:
+        result = dict(step_s=step_s, steps_s=timer.times[F.warmup:], images_per_s=images / step_s,
+                      peak_gflops=peak, mfu=mfu, step_gflops=step_flops / 1e9,
+                      replicas=strategy.num_replicas_in_sync)
+        if distribute.is_multi_worker(strategy):
+            result["allreduce_s"] = _allreduce_seconds(strategy, model.trainable_variables)
+            if not distribute.is_chief(strategy):
+                return
+        with open(F.result_json, "w") as f:
+            json.dump(result, f)
+        return
     row = (f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.backbone} {F.image_size}px, "
            f"B={F.batch_size}, B_u={F.unlabeled_batch_size} | {step_flops / 1e9:.1f} G | "
            f"{step_s:.3f} s | {images / step_s:.1f} | {peak:.0f} GFLOP/s | {mfu:.2f} | "
            f"{os_onednn} | {F.note or '-'} |\n")
     _append("## Throughput (one training step, random tensors, fp32)", THROUGHPUT_HEADER, [row])
     print(row)
+
+
+def _allreduce_seconds(strategy, variables, repeats=10):
+    """Median time of one all-reduce of a gradient-sized float32 vector across
+    the workers: the collective part of a data-parallel step."""
+    import tensorflow as tf
+
+    n = int(sum(np.prod(v.shape) for v in variables))
+    x = tf.ones([n])
+
+    @tf.function
+    def reduce():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce("SUM", x))
+
+    reduce()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        strategy.experimental_local_results(reduce())[0].numpy()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+MULTI_WORKER_HEADER = (
+    "| date | commit | method | workload | 1 process (threads) | N workers (threads each) "
+    "| 1-process step / img/s | N-worker step / img/s | ratio | all-reduce of the gradients "
+    "(share of the step) | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def multi_worker_bench():
+    """One process with T threads against N local workers with T/N threads each."""
+    import tempfile
+
+    sys.path.insert(0, ROOT)
+    from tfssl import launch
+
+    out = tempfile.mkdtemp(prefix="tfssl-mw-bench-")
+    per = max(1, F.threads // F.num_workers)
+    me = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py")]
+    common = [f"--method={F.method}", f"--backbone={F.backbone}", f"--image_size={F.image_size}",
+              f"--channels={F.channels}", f"--num_classes={F.num_classes}",
+              f"--batch_size={F.batch_size}", f"--unlabeled_batch_size={F.unlabeled_batch_size}",
+              f"--steps={F.steps}", f"--warmup={F.warmup}", "--mode=throughput"]
+    env1 = launch.worker_env({}, F.threads)
+    env1.pop("TF_CONFIG")
+    one_json, many_json = os.path.join(out, "one.json"), os.path.join(out, "many.json")
+    subprocess.run(me + common + [f"--result_json={one_json}"], check=True, env=env1, cwd=ROOT)
+    rc = launch.launch(F.num_workers, me + common + ["--strategy=multi_worker",
+                                                     f"--result_json={many_json}"],
+                       os.path.join(out, "logs"), threads_per_worker=per, stream_chief=False)
+    if rc:
+        raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs")
+    one, many = json.load(open(one_json)), json.load(open(many_json))
+    setup = (f"{F.backbone} {F.image_size}px B={F.batch_size} B_u={F.unlabeled_batch_size}, "
+             "random tensors")
+    rows = [f"| {datetime.date.today()} | {_commit()} | {F.method} | {setup} | 1 ({F.threads}) | "
+            f"{F.num_workers} ({per}) | {one['step_s']:.3f} s / {one['images_per_s']:.1f} | "
+            f"{many['step_s']:.3f} s / {many['images_per_s']:.1f} | "
+            f"{many['images_per_s'] / one['images_per_s']:.2f} | {many['allreduce_s']:.3f} s "
+            f"({many['allreduce_s'] / many['step_s']:.0%}) | {F.note or '-'} |\n"]
+    # The digits run: scripts/train.py end to end (input pipeline included).
+    flags_run = [f"--flagfile={os.path.join(ROOT, F.flagfile_to_run)}", f"--method={F.method}",
+                 f"--epochs={F.digits_epochs}", "--eval_every=1000", "--export_dir=", "--verbose=0"]
+    train = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
+    subprocess.run(train + flags_run + [f"--workdir={out}/one"], check=True, env=env1, cwd=ROOT)
+    rc = launch.launch(F.num_workers, train + flags_run + [f"--workdir={out}/many",
+                                                           "--strategy=multi_worker"],
+                       os.path.join(out, "logs2"), threads_per_worker=per, stream_chief=False)
+    if rc:
+        raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs2")
+    a = json.load(open(f"{out}/one/summary.json"))
+    b = json.load(open(f"{out}/many/summary.json"))
+    steps = a["global_steps"]
+    rows.append(
+        f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.flagfile_to_run}, "
+        f"{F.digits_epochs} epochs, scripts/train.py | 1 ({F.threads}) | {F.num_workers} ({per}) | "
+        f"{a['train_seconds'] / steps:.3f} s / {a['images_per_second']:.0f} | "
+        f"{b['train_seconds'] / steps:.3f} s / {b['images_per_second']:.0f} | "
+        f"{b['images_per_second'] / a['images_per_second']:.2f} | - | {F.note or '-'} |\n")
+    _append("## Multi-worker (local workers over loopback TCP)", MULTI_WORKER_HEADER, rows)
+    print("".join(rows))
 
 
 def _copy_bandwidth():
@@ -302,6 +415,8 @@ def main(argv):
         accuracy(extra)
     elif F.mode == "throughput":
         throughput()
+    elif F.mode == "multi_worker":
+        multi_worker_bench()
     else:
         sinkhorn_bench()
 
