@@ -145,6 +145,7 @@ def accuracy(extra):
 # gradient counts 3 (backward = 2x forward), one without counts 1.
 STEP_PASSES = {
     "supervised": lambda b, b_u: 3 * b,
+    "sela": lambda b, b_u: 3 * b_u,  # forward+backward on the unlabeled view only
 }
 
 
