@@ -93,7 +93,10 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
                f"--flagfile={root}/flags/digits.cfg", "--epochs=3", "--steps_per_epoch=6",
                "--batch_size=16", "--eval_every=100", f"--workdir={workdir}", "--export_dir=",
                "--verbose=2", "--strategy=multi_worker"]
-    procs, logs = launch.start(2, command, str(tmp_path / "logs"), threads_per_worker=1)
+    scratch = tmp_path / "tmp"  # where non-chief workers put their outputs
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
+    procs, logs = launch.start(2, command, str(tmp_path / "logs"), threads_per_worker=1, env=env)
     try:
         meta = workdir / "backup" / "training_metadata.json"
         t0 = time.time()
@@ -115,9 +118,13 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     chief_log = (tmp_path / "logs" / "worker0.log").read_text()
     assert "error: a worker of the cluster failed or became unreachable" in chief_log
     assert not (workdir / "summary.json").exists()
+    left = sorted(p.name for p in scratch.glob("tfssl-*"))  # the killed worker's
     rc = launch.launch(2, command, str(tmp_path / "logs2"), threads_per_worker=1,
-                       stream_chief=False, timeout_s=300)
+                       stream_chief=False, timeout_s=300, env=env)
     assert rc == 0, (tmp_path / "logs2" / "worker0.log").read_text()[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["epochs_completed"] == 3 and summary["global_steps"] == 3 * 6
     assert len(summary["history"]["loss_x"]) < 3  # the rerun resumed, not restarted
+    # Only the chief wrote outputs; the other worker removed its scratch dir.
+    assert sorted(p.name for p in scratch.glob("tfssl-*")) == left
+    assert (workdir / "tensorboard").is_dir() and (workdir / "labeled_ids.json").exists()

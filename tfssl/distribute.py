@@ -107,6 +107,17 @@ def is_multi_worker(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
             and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
 
 
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Sets ``tf.data`` auto-sharding to DATA: under a multi-worker strategy every
+    worker runs the same (seeded) pipeline and keeps its part of each global
+    batch, so the global batches are those one process would see. (FILE
+    sharding, the AUTO choice for file-backed TFDS data, would give each worker
+    different files.) No effect without a multi-worker strategy."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
     """``MultiWorkerMirroredStrategy`` over the cluster that ``TF_CONFIG`` names.
 

@@ -324,6 +324,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     crop = 0.875 if side > 96 else None  # ImageNet-scale: resize 256, centre 224
     test_ds = data.evaluation(source.test(), side, eval_bs, crop)
     bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs, crop)
+    train_ds, test_ds, bank_ds = (distribute.shard_by_data(d) for d in (train_ds, test_ds, bank_ds))
 
     with strategy.scope():
         try:

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfssl import augment
+from tfssl import augment, distribute
 from tfssl.methods.base import SSLModel
 from tfssl.ops.sinkhorn import sinkhorn, write_rows
 
@@ -255,7 +255,7 @@ class Relabel(keras.callbacks.Callback):
 
         feats = np.zeros([model.num_train, model.feature_dim], np.float32)
         seen = np.zeros([model.num_train], bool)
-        for batch in strategy.experimental_distribute_dataset(self.data):
+        for batch in strategy.experimental_distribute_dataset(distribute.shard_by_data(self.data)):
             f, i = embed(batch)
             i = i.numpy()
             feats[i] = f.numpy()
