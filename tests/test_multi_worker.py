@@ -119,6 +119,17 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     assert "error: a worker of the cluster failed or became unreachable" in chief_log
     assert not (workdir / "summary.json").exists()
     left = sorted(p.name for p in scratch.glob("tfssl-*"))  # the killed worker's
+    # A worker that cannot see the chief's backup (here: another --workdir, as on
+    # a machine without the shared storage) is refused instead of going out of step.
+    configs = launch.local_tf_configs(2)
+    odd = [c.replace(f"--workdir={workdir}", f"--workdir={tmp_path / 'elsewhere'}")
+           for c in command]
+    mismatch = [subprocess.Popen(cmd, env=launch.worker_env(tf_config, 1, env),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for cmd, tf_config in zip((command, odd), configs)]
+    outs = [p.communicate(timeout=180)[0] for p in mismatch]
+    assert all(p.returncode != 0 for p in mismatch)
+    assert "the workers resumed from different points" in outs[0] + outs[1]
     rc = launch.launch(2, command, str(tmp_path / "logs2"), threads_per_worker=1,
                        stream_chief=False, timeout_s=300, env=env)
     assert rc == 0, (tmp_path / "logs2" / "worker0.log").read_text()[-3000:]

@@ -278,6 +278,39 @@ def _prepare(cfg: TrainConfig):
     return cfg, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u, scratch
 
 
+class _SameResumePoint:
+    """Multi-worker only, right after BackupAndRestore: checks that every worker
+    restored the same epoch and optimizer step (a worker that cannot see the
+    chief's backup would start over and the collectives would go out of step)."""
+
+    def __new__(cls):
+        import keras
+        import tensorflow as tf
+
+        class SameResumePoint(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                strategy = self.model.distribute_strategy
+                mine = tf.constant([float(getattr(self.model, "_initial_epoch", 0) or 0),
+                                    float(self.model.optimizer.iterations.numpy())])
+
+                @tf.function
+                def spread():
+                    def fn():
+                        ctx = tf.distribute.get_replica_context()
+                        every = ctx.all_gather(mine[None], axis=0)  # [workers, 2]
+                        return tf.reduce_max(every, 0) - tf.reduce_min(every, 0)
+                    return strategy.run(fn)
+
+                gap = strategy.experimental_local_results(spread())[0].numpy()
+                if gap.max() > 0:
+                    raise ConfigError(
+                        f"the workers resumed from different points (this worker: epoch "
+                        f"{int(mine[0])}, step {int(mine[1])}): --workdir must be on storage "
+                        "that every worker sees, so that all restore the chief's backup.")
+
+        return SameResumePoint()
+
+
 def _worker_outputs(cfg: TrainConfig, strategy):
     """Where this process writes. The chief (and any single-process run) writes
     to ``--workdir``/``--export_dir``. Other multi-worker tasks run the same
@@ -349,6 +382,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                      unlabeled_views=unlabeled_views)),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
                                                   double_checkpoint=True),
+                 *([_SameResumePoint()] if distribute.is_multi_worker(strategy) else []),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]
