@@ -319,6 +319,9 @@ def multi_worker_bench():
         f"{b['images_per_second'] / a['images_per_second']:.2f} | - | {F.note or '-'} |\n")
     _append("## Multi-worker (local workers over loopback TCP)", MULTI_WORKER_HEADER, rows)
     print("".join(rows))
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _copy_bandwidth():
