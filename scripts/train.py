@@ -45,7 +45,8 @@ flags.DEFINE_integer("labels_per_class", d.labels_per_class, "Labeled images per
 flags.DEFINE_float("label_fraction", d.label_fraction,
                    "Labeled fraction instead of --labels_per_class (set that one to None).")
 flags.DEFINE_boolean("include_labeled_in_unlabeled", d.include_labeled_in_unlabeled,
-                     "The unlabeled stream includes the labeled images.")
+                     "The unlabeled stream includes the labeled images (unset: the method's "
+                     "default; MixMatch's official split excludes them, the others include them).")
 flags.DEFINE_integer("seed", d.seed, "Seed of the split, shuffling and initialisation.")
 flags.DEFINE_string("backbone", d.backbone, "auto, small_cnn, resnet18, resnet50, wrn28_2, wrn28_8.")
 flags.DEFINE_enum("norm", d.norm, ["batch", "sync_batch", "none"], "Backbone normalisation.")
@@ -76,6 +77,8 @@ METHOD_FLAGS = {
     "supervised": ["label_smoothing"],
     "sela": ["num_clusters", "num_heads", "lam", "tol", "nopts", "schedule",
              "one_head_per_call", "relabel_mode", "max_iters", "augmentation"],
+    "mixmatch": ["num_augmentations", "temperature", "alpha", "lambda_u", "rampup_kimg",
+                 "weight_decay", "interleave"],
 }
 flags.DEFINE_float("supervised_label_smoothing", 0.0, "Label smoothing of the baseline's CE.")
 flags.DEFINE_integer("sela_num_clusters", 128, "SeLa: clusters K per head.")
@@ -91,6 +94,19 @@ flags.DEFINE_enum("sela_relabel_mode", "train", ["train", "eval"],
 flags.DEFINE_integer("sela_max_iters", 1000, "SeLa: Sinkhorn iteration bound.")
 flags.DEFINE_enum("sela_augmentation", "weak", ["strong", "weak"],
                   "SeLa: training view, weak (flip/crop) or strong (+ RandAugment, Cutout).")
+flags.DEFINE_integer("mixmatch_num_augmentations", 2, "MixMatch: K augmentations per unlabeled image.")
+flags.DEFINE_float("mixmatch_temperature", 0.5, "MixMatch: sharpening temperature T.")
+flags.DEFINE_float("mixmatch_alpha", 0.75, "MixMatch: Beta(alpha, alpha) of MixUp.")
+flags.DEFINE_float("mixmatch_lambda_u", 75.0,
+                   "MixMatch: L_u weight (75 CIFAR-10, 150 CIFAR-100, 250 SVHN, 50 STL-10).")
+flags.DEFINE_float("mixmatch_rampup_kimg", 1024.0,
+                   "MixMatch: thousands (x1024) of labeled images over which the L_u weight ramps up.")
+flags.DEFINE_float("mixmatch_weight_decay", 0.02,
+                   "MixMatch: decoupled decay of kernels after each step, w <- w (1 - wd lr). "
+                   "Leave --weight_decay at 0 with MixMatch.")
+flags.DEFINE_boolean("mixmatch_interleave", True,
+                     "MixMatch: K+1 interleaved forwards, only the first updating BN (official); "
+                     "false: one concatenated forward.")
 flags.DEFINE_boolean("sela_one_head_per_call", False,
                      "SeLa: relabel one head per call (CIFAR) instead of all (ImageNet).")
 

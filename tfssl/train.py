@@ -50,7 +50,7 @@ class TrainConfig:
     unlabeled_batch_size: Optional[int] = None
     labels_per_class: Optional[int] = 4
     label_fraction: Optional[float] = None
-    include_labeled_in_unlabeled: bool = True
+    include_labeled_in_unlabeled: Optional[bool] = None  # None: the method's default
     seed: int = 0
     backbone: str = "auto"
     norm: str = "batch"
@@ -311,6 +311,15 @@ class _SameResumePoint:
         return SameResumePoint()
 
 
+def _include_labeled(cfg: TrainConfig) -> bool:
+    """--include_labeled_in_unlabeled, or the method's default when unset."""
+    if cfg.include_labeled_in_unlabeled is not None:
+        return bool(cfg.include_labeled_in_unlabeled)
+    from tfssl import methods
+
+    return bool(methods.get(cfg.method).include_labeled_in_unlabeled)
+
+
 def _worker_outputs(cfg: TrainConfig, strategy):
     """Where this process writes. The chief (and any single-process run) writes
     to ``--workdir``/``--export_dir``. Other multi-worker tasks run the same
@@ -348,7 +357,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
 
     train_ds = data.semi_supervised(
         source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
-        include_labeled_in_unlabeled=cfg.include_labeled_in_unlabeled, seed=cfg.seed,
+        include_labeled_in_unlabeled=_include_labeled(cfg), seed=cfg.seed,
         deterministic=cfg.deterministic)
     n_stream = source.num_train + source.num_extra_unlabeled
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_stream / (b_u or cfg.batch_size)))

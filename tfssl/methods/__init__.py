@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Dict, Type
 
 from tfssl.methods.base import SSLModel
+from tfssl.methods.mixmatch import MixMatch
 from tfssl.methods.sela import SeLa
 from tfssl.methods.supervised import Supervised
 
@@ -32,3 +33,4 @@ def available():
 
 register("supervised", Supervised)
 register("sela", SeLa)
+register("mixmatch", MixMatch)

@@ -60,6 +60,10 @@ def _multi_worker_logs(step):
 class SSLModel(keras.Model):
     """Base class of tfssl methods.
 
+    Class attribute ``include_labeled_in_unlabeled``: the method's default for
+    whether the unlabeled stream also holds the labeled images (True for most
+    methods; MixMatch's official split excludes them).
+
     Args:
       encoder: a built Keras model mapping images in [0, 1], [B, H, W, C], to
         features [B, D] (see ``tfssl.models.encoder``).
@@ -69,6 +73,8 @@ class SSLModel(keras.Model):
         encoder and classifier, ``w_ema <- m * w_ema + (1 - m) * w`` after each
         step, for evaluation and export. BN moving statistics are not averaged.
     """
+
+    include_labeled_in_unlabeled = True
 
     def __init__(self, encoder: keras.Model, num_classes: Optional[int] = None,
                  ema_decay: Optional[float] = None, **kwargs):

@@ -49,3 +49,63 @@ def soft_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
 def l2_normalize(x: tf.Tensor, epsilon: float = 1e-12) -> tf.Tensor:
     """``x / max(||x||_2, eps)`` along the last axis (embeddings before similarities)."""
     return tf.math.l2_normalize(x, axis=-1, epsilon=epsilon)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def guess_labels(probs: tf.Tensor, temperature: float) -> tf.Tensor:
+    """MixMatch label guessing: ``q = sharpen(1/K sum_k p_k, T)``.
+
+    Args:
+      probs: [K, B, C] class probabilities of the K augmentations of B images.
+      temperature: T of the sharpening (0.5 in MixMatch).
+
+    Returns:
+      [B, C] guessed label distributions (the same guess labels every view).
+    """
+    return sharpen(tf.reduce_mean(probs, axis=0), temperature)
+
+
+def mixup_draws(n: int, alpha: float, seed) -> tuple:
+    """Per-sample MixUp coefficients and partners, from a stateless seed.
+
+    ``lambda_i ~ Beta(alpha, alpha)`` (as ``g1 / (g1 + g2)``, ``g ~ Gamma(alpha)``)
+    and a uniformly random permutation of the n rows. A function of ``seed``
+    only, so every replica (and a resumed run) draws the same values.
+
+    Args:
+      n: rows of the batch being mixed.
+      alpha: Beta concentration (0.75 in MixMatch).
+      seed: int [2] stateless seed.
+
+    Returns:
+      (lambda [n] float32 in (0, 1), permutation [n] int32).
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    g1 = tf.random.stateless_gamma([n], seeds[0], alpha=alpha)
+    g2 = tf.random.stateless_gamma([n], seeds[1], alpha=alpha)
+    lam = g1 / tf.maximum(g1 + g2, 1e-30)
+    perm = tf.argsort(tf.random.stateless_uniform([n], seeds[2]))
+    return lam, perm
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def mixup(x: tf.Tensor, p: tf.Tensor, lam: tf.Tensor, perm: tf.Tensor) -> tuple:
+    """MixUp with ``lambda' = max(lambda, 1 - lambda)`` per sample (MixMatch):
+    ``x'_i = lambda'_i x_i + (1 - lambda'_i) x_perm(i)``, same for the targets,
+    so each mixed row stays closer to its own row than to its partner.
+
+    Args:
+      x: [N, ...] inputs.
+      p: [N, C] target distributions.
+      lam: [N] coefficients lambda in [0, 1].
+      perm: [N] partner indices (a permutation).
+
+    Returns:
+      (x' [N, ...], p' [N, C]).
+    """
+    lam = tf.maximum(lam, 1.0 - lam)
+    lx = tf.reshape(tf.cast(lam, x.dtype), [-1] + [1] * (len(x.shape) - 1))
+    lp = tf.cast(lam, p.dtype)[:, None]
+    x_mix = lx * x + (1.0 - lx) * tf.gather(x, perm)
+    p_mix = lp * p + (1.0 - lp) * tf.gather(p, perm)
+    return x_mix, p_mix
