@@ -180,6 +180,7 @@ def throughput():
 
     class _Source:  # what from_args needs
         num_classes = F.num_classes
+        num_train, num_extra_unlabeled = 50_000, 0  # CIFAR-sized (SeLa's label table)
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
