@@ -146,6 +146,8 @@ def accuracy(extra):
 STEP_PASSES = {
     "supervised": lambda b, b_u: 3 * b,
     "sela": lambda b, b_u: 3 * b_u,  # forward+backward on the unlabeled view only
+    # K=2 label-guess forwards (no gradient), then B + K*B_u mixed rows with gradient.
+    "mixmatch": lambda b, b_u: 2 * b_u + 3 * (b + 2 * b_u),
 }
 
 

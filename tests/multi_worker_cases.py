@@ -52,3 +52,22 @@ def sela():
         return [Relabel(feats, [0, 16], global_batch=8, verbose=False)]
 
     return build, data, callbacks
+
+
+def mixmatch():
+    """MixMatch's MixUp partners are drawn over the global batch (all-gathered
+    across workers); one concatenated forward with SyncBN."""
+    x, y = _images(24, seed=2)
+    u, _ = _images(48, seed=3)
+    data = tf.data.Dataset.from_tensor_slices({
+        "labeled": {"weak": x, "label": y, "index": np.arange(24)},
+        "unlabeled": {"aug0": u[:24], "aug1": u[24:], "label": y, "index": np.arange(24)},
+    }).batch(8)
+
+    def build():
+        m = methods.MixMatch(_encoder(), 10, interleave=False, lambda_u=10.0, rampup_images=16,
+                             ema_decay=0.9)
+        m.compile(optimizer=keras.optimizers.Adam(0.01))
+        return m
+
+    return build, data
