@@ -61,3 +61,15 @@ def test_forward_flops_match_the_published_figures():
     assert forward_flops(models.resnet(18, (32, 32, 3), cifar_stem=True)) / 1e9 == pytest.approx(1.110, abs=0.005)
     head = models.mlp([32, 16], input_dim=8)
     assert forward_flops(head) == 2 * (8 * 32 + 32 * 16)
+
+
+def test_wrn_shortcuts_as_official_mixmatch():
+    # Stage 1's first shortcut projects the activated input; stages 2-3 project
+    # the raw block input (the previous Add), as in the official architecture.
+    from tfssl.models import backbones
+
+    m = backbones.wide_resnet(28, 2, (32, 32, 3))
+    for stage, want in ((1, "leaky_re_lu"), (2, "add"), (3, "add")):
+        down = m.get_layer(f"stage{stage}_block0_down")
+        source = down._inbound_nodes[0].parent_nodes[0].operation.name
+        assert source.startswith(want), (stage, source)

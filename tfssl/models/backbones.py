@@ -119,8 +119,10 @@ def wide_resnet(depth: int = 28, width: int = 2, input_shape: Sequence[int] = (3
             stride = 2 if (b == 0 and stage > 0) else 1
             name = f"stage{stage + 1}_block{b}"
             pre = act()(bn(f"{name}_bn1")(x))
-            # The first block of the network activates the shortcut too.
-            shortcut_in = pre if (b == 0) else x
+            # Only the network's first block takes its shortcut from the activated
+            # input (official MixMatch/FixMatch: activate_before_residual on the
+            # first scale); stages 2-3 project the raw input.
+            shortcut_in = pre if (b == 0 and stage == 0) else x
             y = _conv(filters, 3, stride, name=f"{name}_conv1")(pre)
             y = act()(bn(f"{name}_bn2")(y))
             y = _conv(filters, 3, 1, name=f"{name}_conv2")(y)
