@@ -18,6 +18,8 @@ import tempfile
 import time
 from typing import Any, Dict, Optional
 
+import numpy as np
+
 
 BACKUP_DIR = "backup"
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -185,9 +187,11 @@ def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
     return opt
 
 
-def build_model(cfg: TrainConfig, source):
+def build_model(cfg: TrainConfig, source, labeled_ids=None):
     """The method's model for ``source`` as ``cfg`` describes it (uncompiled).
-    Call inside the strategy scope. Returns (model, backbone name)."""
+    Call inside the strategy scope. Methods whose class sets
+    ``needs_labeled_ids`` (a labeled bank) get ``labeled_ids``. Returns
+    (model, backbone name)."""
     from tfssl import methods, models
 
     backbone_name = cfg.backbone if cfg.backbone != "auto" else auto_backbone(source.image_shape)
@@ -196,6 +200,10 @@ def build_model(cfg: TrainConfig, source):
     kwargs = dict(cfg.method_args)
     if cfg.ema_decay is not None:
         kwargs["ema_decay"] = cfg.ema_decay
+    if getattr(methods.get(cfg.method), "needs_labeled_ids", False):
+        if labeled_ids is None:
+            raise ValueError(f"--method={cfg.method} needs the labeled ids.")
+        kwargs["labeled_ids"] = labeled_ids
     return methods.get(cfg.method).from_args(encoder=encoder, source=source, **kwargs), backbone_name
 
 
@@ -370,7 +378,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
 
     with strategy.scope():
         try:
-            model, backbone_name = build_model(cfg, source)
+            model, backbone_name = build_model(cfg, source, labeled_ids)
         except ValueError as e:
             raise ConfigError(f"{e} (method arguments come from the --{cfg.method}_* flags)") from e
         model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps))
@@ -473,7 +481,12 @@ def export_run(workdir: str, export_dir: Optional[str] = None) -> Dict[str, str]
     cfg = TrainConfig(**{k: v for k, v in flags_.items()
                          if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     source = data.get_source(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.image_size)
-    model, _ = build_model(cfg, source)
+    labeled_ids = None
+    ids_path = os.path.join(workdir, "labeled_ids.json")
+    if os.path.exists(ids_path):
+        with open(ids_path) as f:
+            labeled_ids = np.asarray(json.load(f)["indices"], np.int64)
+    model, _ = build_model(cfg, source, labeled_ids)
     model.load_weights(weights)
     return export.export_model(model, export_dir or os.path.join("saved_models", cfg.run_name),
                                use_ema=model.evaluate_with_ema)

@@ -7,6 +7,7 @@ from typing import Dict, Type
 from tfssl.methods.base import SSLModel
 from tfssl.methods.mixmatch import MixMatch
 from tfssl.methods.sela import SeLa
+from tfssl.methods.simmatch import FixMatch, SimMatch
 from tfssl.methods.supervised import Supervised
 
 _REGISTRY: Dict[str, Type[SSLModel]] = {}
@@ -34,3 +35,5 @@ def available():
 register("supervised", Supervised)
 register("sela", SeLa)
 register("mixmatch", MixMatch)
+register("simmatch", SimMatch)
+register("fixmatch", FixMatch)

@@ -109,3 +109,23 @@ def mixup(x: tf.Tensor, p: tf.Tensor, lam: tf.Tensor, perm: tf.Tensor) -> tuple:
     x_mix = lx * x + (1.0 - lx) * tf.gather(x, perm)
     p_mix = lp * p + (1.0 - lp) * tf.gather(p, perm)
     return x_mix, p_mix
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def distribution_alignment(p: tf.Tensor, model_mean: tf.Tensor,
+                           target: tf.Tensor = None) -> tf.Tensor:
+    """Distribution alignment: ``p~ = normalize(p * target / model_mean)``.
+
+    Args:
+      p: [B, C] class probabilities.
+      model_mean: [C] running mean of the model's predictions (SimMatch: the mean
+        of a queue of batch means).
+      target: [C] target marginal (default uniform).
+
+    Returns:
+      [B, C] aligned probabilities.
+    """
+    if target is None:
+        target = tf.fill(tf.shape(model_mean), 1.0 / tf.cast(tf.shape(model_mean)[0], p.dtype))
+    q = p * (target + 1e-6) / (model_mean + 1e-6)
+    return q / tf.reduce_sum(q, axis=-1, keepdims=True)
