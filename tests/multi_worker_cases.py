@@ -71,3 +71,26 @@ def mixmatch():
         return m
 
     return build, data
+
+
+def simmatch():
+    """SimMatch: the labeled bank is written from every worker's labeled rows
+    (gathered), the DA queue averages over the global batch."""
+    rng = np.random.default_rng(4)
+    ids = np.arange(0, 32, 2)
+    x = rng.uniform(0, 1, [48, 8, 8, 1]).astype("float32")
+    lab = np.resize(ids, 24)
+    u = rng.integers(0, 48, 24)
+    data = tf.data.Dataset.from_tensor_slices({
+        "labeled": {"weak": x[lab], "label": lab % 10, "index": lab},
+        "unlabeled": {"weak": x[u], "strong": np.clip(x[u] * 1.2, 0, 1), "label": u % 10,
+                      "index": u}}).batch(8)
+
+    def build():
+        m = methods.SimMatch(_encoder(), 10, labeled_ids=ids, labeled_labels=ids % 10,
+                             num_train=48, threshold=0.5, warmup_steps=0, proj_dims=(16, 8),
+                             da_len=4)
+        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        return m
+
+    return build, data

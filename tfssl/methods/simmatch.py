@@ -234,13 +234,8 @@ class SimMatch(SSLModel):
                 p_hat = tf.where(propagate, p_prop, p)
                 loss_in = tf.where(propagate, loss_in_prop, 0.0)
             p_hat = tf.stop_gradient(p_hat)
-            confidence = tf.reduce_max(p_hat, -1)
-            mask = tf.cast(confidence >= self.threshold, tf.float32)
-            if self.hard_labels:
-                u_targets = tf.one_hot(tf.argmax(p_hat, -1), self.num_classes)
-            else:
-                u_targets = p_hat
-            loss_u = tf.reduce_mean(mask * targets.soft_cross_entropy(u_targets, logits_s))
+            loss_u, mask = targets.thresholded_cross_entropy(p_hat, logits_s, self.threshold,
+                                                             self.hard_labels)
             loss_x = tf.reduce_mean(targets.soft_cross_entropy(
                 tf.one_hot(y, self.num_classes), logits_x))
             loss = loss_x + self.lambda_u * loss_u + self.lambda_in * loss_in

@@ -71,5 +71,5 @@ def calibrated_targets(p: tf.Tensor, q: tf.Tensor, bank_labels: tf.Tensor,
     """
     q_scaled = q * unfold(p, bank_labels)
     q_hat = q_scaled / tf.maximum(tf.reduce_sum(q_scaled, axis=-1, keepdims=True), 1e-12)
-    p_hat = alpha * p + (1.0 - alpha) * aggregate(q, bank_labels, p.shape[-1])
+    p_hat = alpha * p + (1.0 - alpha) * aggregate(q, bank_labels, tf.shape(p)[-1])
     return q_hat, p_hat

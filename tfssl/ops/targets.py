@@ -129,3 +129,26 @@ def distribution_alignment(p: tf.Tensor, model_mean: tf.Tensor,
         target = tf.fill(tf.shape(model_mean), 1.0 / tf.cast(tf.shape(model_mean)[0], p.dtype))
     q = p * (target + 1e-6) / (model_mean + 1e-6)
     return q / tf.reduce_sum(q, axis=-1, keepdims=True)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def thresholded_cross_entropy(p_hat: tf.Tensor, logits: tf.Tensor, threshold: float,
+                              hard: bool = False) -> tuple:
+    """Confidence-masked pseudo-label loss (FixMatch / SimMatch):
+    ``L_u = 1/B_u sum_i 1[max_c p_hat_ic >= tau] H(t_i, softmax(logits_i))`` with
+    ``t_i = p_hat_i`` (soft, SimMatch) or ``onehot(argmax p_hat_i)`` (hard,
+    FixMatch). The mean runs over ALL B_u rows: masked rows count in the
+    denominator.
+
+    Args:
+      p_hat: [B_u, C] targets (constants).
+      logits: [B_u, C] student logits of the strong views.
+      threshold: tau.
+      hard: argmax targets.
+
+    Returns:
+      (L_u scalar, mask [B_u] float).
+    """
+    mask = tf.cast(tf.reduce_max(p_hat, -1) >= threshold, logits.dtype)
+    t = tf.one_hot(tf.argmax(p_hat, -1), tf.shape(p_hat)[-1], dtype=logits.dtype) if hard else p_hat
+    return tf.reduce_mean(mask * soft_cross_entropy(t, logits)), mask
