@@ -77,6 +77,9 @@ METHOD_FLAGS = {
     "supervised": ["label_smoothing"],
     "sela": ["num_clusters", "num_heads", "lam", "tol", "nopts", "schedule",
              "one_head_per_call", "relabel_mode", "max_iters", "augmentation"],
+    "simmatch": ["temperature", "alpha", "threshold", "lambda_u", "lambda_in", "da_len",
+                 "bank_momentum", "teacher", "teacher_momentum", "proj_dims"],
+    "fixmatch": ["threshold", "lambda_u", "teacher", "teacher_momentum"],
     "mixmatch": ["num_augmentations", "temperature", "alpha", "lambda_u", "rampup_kimg",
                  "weight_decay", "interleave"],
 }
@@ -94,6 +97,25 @@ flags.DEFINE_enum("sela_relabel_mode", "train", ["train", "eval"],
 flags.DEFINE_integer("sela_max_iters", 1000, "SeLa: Sinkhorn iteration bound.")
 flags.DEFINE_enum("sela_augmentation", "weak", ["strong", "weak"],
                   "SeLa: training view, weak (flip/crop) or strong (+ RandAugment, Cutout).")
+flags.DEFINE_float("simmatch_temperature", 0.1, "SimMatch: instance similarity temperature t.")
+flags.DEFINE_float("simmatch_alpha", 0.9, "SimMatch: weight of p in p_hat (aggregation 1 - alpha).")
+flags.DEFINE_float("simmatch_threshold", 0.95, "SimMatch: confidence threshold tau (0.7 ImageNet).")
+flags.DEFINE_float("simmatch_lambda_u", 1.0, "SimMatch: L_u weight (10 ImageNet).")
+flags.DEFINE_float("simmatch_lambda_in", 1.0, "SimMatch: L_in weight (5 ImageNet).")
+flags.DEFINE_integer("simmatch_da_len", 32, "SimMatch: DA queue length (256 ImageNet; 0: no DA).")
+flags.DEFINE_float("simmatch_bank_momentum", 0.0,
+                   "SimMatch: 0 overwrites bank rows (official); USB blends with 0.7.")
+flags.DEFINE_enum("simmatch_teacher", "online", ["online", "ema"],
+                  "SimMatch: teacher = the detached online model (CIFAR, USB) or an EMA copy "
+                  "(ImageNet).")
+flags.DEFINE_float("simmatch_teacher_momentum", 0.999, "SimMatch: EMA teacher momentum.")
+flags.DEFINE_list("simmatch_proj_dims", ["128", "128"],
+                  "SimMatch: projection head widths (2048,128 ImageNet).")
+flags.DEFINE_float("fixmatch_threshold", 0.95, "FixMatch: confidence threshold tau.")
+flags.DEFINE_float("fixmatch_lambda_u", 1.0, "FixMatch: L_u weight.")
+flags.DEFINE_enum("fixmatch_teacher", "online", ["online", "ema"],
+                  "FixMatch: pseudo-labels from the online model (official) or an EMA copy.")
+flags.DEFINE_float("fixmatch_teacher_momentum", 0.999, "FixMatch: EMA teacher momentum.")
 flags.DEFINE_integer("mixmatch_num_augmentations", 2, "MixMatch: K augmentations per unlabeled image.")
 flags.DEFINE_float("mixmatch_temperature", 0.5, "MixMatch: sharpening temperature T.")
 flags.DEFINE_float("mixmatch_alpha", 0.75, "MixMatch: Beta(alpha, alpha) of MixUp.")

@@ -140,6 +140,8 @@ class SimMatch(SSLModel):
 
     @classmethod
     def from_args(cls, encoder, source, labeled_ids=None, **kwargs):
+        if "proj_dims" in kwargs:  # flags give strings
+            kwargs["proj_dims"] = tuple(int(d) for d in kwargs["proj_dims"])
         if labeled_ids is not None:
             labeled_ids = np.asarray(labeled_ids)
             kwargs.update(labeled_ids=labeled_ids,
