@@ -49,7 +49,8 @@ flags.DEFINE_boolean("include_labeled_in_unlabeled", d.include_labeled_in_unlabe
                      "default; MixMatch's official split excludes them, the others include them).")
 flags.DEFINE_integer("seed", d.seed, "Seed of the split, shuffling and initialisation.")
 flags.DEFINE_string("backbone", d.backbone, "auto, small_cnn, resnet18, resnet50, wrn28_2, wrn28_8.")
-flags.DEFINE_enum("norm", d.norm, ["batch", "sync_batch", "none"], "Backbone normalisation.")
+flags.DEFINE_enum("norm", d.norm, ["batch", "sync_batch", "ghost_batch", "none"],
+                  "Backbone normalisation (ghost_batch: split BN in 8 groups, ASCL's single-device choice).")
 flags.DEFINE_string("optimizer", d.optimizer, "sgd, adam or adamw.")
 flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
 flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")

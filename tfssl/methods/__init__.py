@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from tfssl.methods.ascl import ASCL, ASCLBYOL, MoCo
 from tfssl.methods.base import SSLModel
 from tfssl.methods.mixmatch import MixMatch
 from tfssl.methods.sela import SeLa
@@ -37,3 +38,6 @@ register("sela", SeLa)
 register("mixmatch", MixMatch)
 register("simmatch", SimMatch)
 register("fixmatch", FixMatch)
+register("ascl", ASCL)
+register("moco", MoCo)
+register("ascl_byol", ASCLBYOL)

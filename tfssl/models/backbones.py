@@ -11,9 +11,60 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import keras
+import tensorflow as tf
 from keras import layers
 
-NORMS = ("batch", "sync_batch", "none")
+NORMS = ("batch", "sync_batch", "ghost_batch", "none")
+GHOST_GROUPS = 8  # ghost_batch: ASCL's official split-BN emulates 8 GPUs
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class GhostBatchNormalization(layers.Layer):
+    """Split (ghost) batch norm: in training, the batch is cut into ``groups``
+    equal parts, each normalised with its own mean and variance, as if each part
+    sat on its own accelerator (ASCL's official single-GPU code emulates 8 GPUs
+    this way). The moving statistics follow the mean over groups of the group
+    statistics. Inference uses the moving statistics, as BatchNormalization.
+
+    Input [B, ..., C] with B divisible by ``groups``.
+    """
+
+    def __init__(self, groups: int = 8, momentum: float = 0.9, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}.")
+        self.groups, self.momentum, self.epsilon = groups, momentum, epsilon
+
+    def build(self, input_shape):
+        c = (input_shape[-1],)
+        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
+        self.moving_mean = self.add_weight(shape=c, initializer="zeros", trainable=False,
+                                           name="moving_mean", aggregation="mean")
+        self.moving_variance = self.add_weight(shape=c, initializer="ones", trainable=False,
+                                               name="moving_variance", aggregation="mean")
+
+    def call(self, x, training=False):
+        if not training:
+            mean, var = self.moving_mean, self.moving_variance
+            return (x - mean) * tf.math.rsqrt(var + self.epsilon) * self.gamma + self.beta
+        g = self.groups
+        if x.shape[0] is not None and x.shape[0] % g:
+            raise ValueError(f"ghost batch norm: batch {x.shape[0]} does not divide into {g} groups.")
+        xg = tf.reshape(x, [g, -1] + list(x.shape[1:]))
+        axes = list(range(1, len(xg.shape) - 1))
+        mean, var = tf.nn.moments(xg, axes=axes, keepdims=True)
+        y = tf.reshape((xg - mean) * tf.math.rsqrt(var + self.epsilon), tf.shape(x))
+        m = self.momentum
+        self.moving_mean.assign(m * self.moving_mean + (1 - m) * tf.reshape(
+            tf.reduce_mean(mean, 0), [-1]))
+        self.moving_variance.assign(m * self.moving_variance + (1 - m) * tf.reshape(
+            tf.reduce_mean(var, 0), [-1]))
+        return y * self.gamma + self.beta
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "momentum": self.momentum,
+                "epsilon": self.epsilon}
 
 
 def _norm(norm: str, momentum: float = 0.9, epsilon: float = 1e-5, name=None):
@@ -21,6 +72,8 @@ def _norm(norm: str, momentum: float = 0.9, epsilon: float = 1e-5, name=None):
         raise ValueError(f"norm={norm!r} is not one of {NORMS}.")
     if norm == "none":
         return layers.Identity(name=name)
+    if norm == "ghost_batch":
+        return GhostBatchNormalization(GHOST_GROUPS, momentum=momentum, epsilon=epsilon, name=name)
     return layers.BatchNormalization(momentum=momentum, epsilon=epsilon,
                                      synchronized=(norm == "sync_batch"), name=name)
 

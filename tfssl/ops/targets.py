@@ -152,3 +152,51 @@ def thresholded_cross_entropy(p_hat: tf.Tensor, logits: tf.Tensor, threshold: fl
     mask = tf.cast(tf.reduce_max(p_hat, -1) >= threshold, logits.dtype)
     t = tf.one_hot(tf.argmax(p_hat, -1), tf.shape(p_hat)[-1], dtype=logits.dtype) if hard else p_hat
     return tf.reduce_mean(mask * soft_cross_entropy(t, logits)), mask
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def entropy_confidence(d: tf.Tensor) -> tf.Tensor:
+    """ASCL's confidence ``c = 1 - H(d) / log(n)`` of distributions d [B, n]:
+    0 for a uniform d, 1 for a one-hot d. Returns [B]."""
+    n = tf.cast(tf.shape(d)[-1], d.dtype)
+    h = -tf.reduce_sum(d * tf.math.log(tf.maximum(d, 1e-30)), axis=-1)
+    return 1.0 - h / tf.math.log(n)
+
+
+def ascl_soft_labels(d: tf.Tensor, kind: str, num_neighbours: int = 1) -> tf.Tensor:
+    """ASCL's soft targets over the 1 + n logits ``[q.k, q.queue_1..n]``.
+
+    With ``c = entropy_confidence(d)`` and the positive's weight y_0 = 1:
+    ``ascl``: y_j = min(1, K c d_j); ``ahcl``: y_j = c on the top-K entries of d;
+    ``hard``: y_j = 1 on the top-K; ``moco``: y_j = 0. Then ``y <- y / sum(y)``
+    (the clip comes before the normalisation), so the positive keeps a weight
+    >= 1 / (1 + K).
+
+    Args:
+      d: [B, n] teacher distribution of each key over the queue (softmax of
+        ``k . queue / T2``).
+      kind: ascl | ahcl | hard | moco.
+      num_neighbours: K.
+
+    Returns:
+      [B, 1 + n] rows summing to 1.
+    """
+    if kind not in ("ascl", "ahcl", "hard", "moco"):
+        raise ValueError(f"kind must be one of ascl, ahcl, hard, moco; got {kind!r}.")
+    return _ascl_soft_labels(d, kind, num_neighbours)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _ascl_soft_labels(d, kind, num_neighbours):
+    b = tf.shape(d)[0]
+    if kind == "moco" or num_neighbours == 0:
+        rest = tf.zeros_like(d)
+    elif kind == "ascl":
+        c = entropy_confidence(d)[:, None]
+        rest = tf.minimum(1.0, num_neighbours * c * d)
+    else:
+        top = tf.math.top_k(d, k=num_neighbours).indices
+        onehot = tf.reduce_sum(tf.one_hot(top, tf.shape(d)[-1], dtype=d.dtype), axis=1)
+        rest = onehot * (entropy_confidence(d)[:, None] if kind == "ahcl" else 1.0)
+    y = tf.concat([tf.ones([b, 1], d.dtype), rest], axis=1)
+    return y / tf.reduce_sum(y, axis=-1, keepdims=True)
