@@ -202,7 +202,8 @@ class ASCLBYOL(ASCL):
     ``L = mean_i sum_j y_ij ||p_i - k_j||^2`` over ``j in {i} + others``
     (= 2 - 2 cos for unit vectors; y_i0 on the sample's own key).
 
-    The queue variables exist (unused by the loss) so that diagnostics and the
+    The predictor's BN is synchronised (global-batch statistics under a
+    strategy). The queue variables exist (unused by the loss) so that diagnostics and the
     state layout match ASCL; ``queue_size`` defaults to the batch multiple 256.
     """
 
@@ -211,7 +212,7 @@ class ASCLBYOL(ASCL):
         super().__init__(encoder, queue_size=queue_size, **kwargs)
         self.pred_hidden = pred_hidden
         self.predictor = heads.mlp((pred_hidden, self.proj_dims[-1]), self.proj_dims[-1],
-                                   batch_norm=True, name="predictor")
+                                   batch_norm=True, synchronized=True, name="predictor")
 
     def train_step(self, data):
         unl = self.unpack(data)["unlabeled"]

@@ -10,12 +10,13 @@ from keras import layers
 
 def mlp(dims: Sequence[int], input_dim: int, batch_norm: bool = False,
         last_batch_norm: bool = False, activation: str = "relu",
-        name: str = "mlp") -> keras.Model:
+        name: str = "mlp", synchronized: bool = False) -> keras.Model:
     """Dense -> [BN] -> act ... -> Dense(dims[-1]) -> [BN].
 
     E.g. SimMatch/ASCL projector ``mlp([2048, 128], d)``; PAWS projector
     ``mlp([h, h, out], d, batch_norm=True)``; BYOL predictor
     ``mlp([512, 128], d, batch_norm=True)``. Input [B, input_dim] -> [B, dims[-1]].
+    ``synchronized``: BN statistics over the global batch under a strategy.
     """
     x = inp = keras.Input(shape=(input_dim,))
     for i, d in enumerate(dims):
@@ -23,7 +24,8 @@ def mlp(dims: Sequence[int], input_dim: int, batch_norm: bool = False,
         x = layers.Dense(d, use_bias=not (batch_norm and not last) and not (last and last_batch_norm),
                          name=f"dense{i}")(x)
         if (batch_norm and not last) or (last and last_batch_norm):
-            x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
+            x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=synchronized,
+                                          name=f"bn{i}")(x)
         if not last:
             x = layers.Activation(activation)(x)
     return keras.Model(inp, x, name=name)
