@@ -81,6 +81,9 @@ METHOD_FLAGS = {
     "simmatch": ["temperature", "alpha", "threshold", "lambda_u", "lambda_in", "da_len",
                  "bank_momentum", "teacher", "teacher_momentum", "proj_dims"],
     "fixmatch": ["threshold", "lambda_u", "teacher", "teacher_momentum"],
+    "ascl": ["queue_size", "kind", "num_neighbours", "proj_dims", "t1", "t2", "momentum"],
+    "moco": ["queue_size", "proj_dims", "t1", "momentum"],
+    "ascl_byol": ["kind", "num_neighbours", "proj_dims", "pred_hidden", "t2", "momentum"],
     "mixmatch": ["num_augmentations", "temperature", "alpha", "lambda_u", "rampup_kimg",
                  "weight_decay", "interleave"],
 }
@@ -117,6 +120,25 @@ flags.DEFINE_float("fixmatch_lambda_u", 1.0, "FixMatch: L_u weight.")
 flags.DEFINE_enum("fixmatch_teacher", "online", ["online", "ema"],
                   "FixMatch: pseudo-labels from the online model (official) or an EMA copy.")
 flags.DEFINE_float("fixmatch_teacher_momentum", 0.999, "FixMatch: EMA teacher momentum.")
+flags.DEFINE_integer("ascl_queue_size", 4096, "ASCL: queue of keys (65536 ImageNet); a multiple "
+                     "of the global unlabeled batch.")
+flags.DEFINE_enum("ascl_kind", "ascl", ["ascl", "ahcl", "hard", "moco"], "ASCL: relabelling type.")
+flags.DEFINE_integer("ascl_num_neighbours", 1, "ASCL: neighbours K (5 for CIFAR-100).")
+flags.DEFINE_list("ascl_proj_dims", ["2048", "128"], "ASCL: projector widths (no BN).")
+flags.DEFINE_float("ascl_t1", 0.1, "ASCL: temperature of the contrastive logits.")
+flags.DEFINE_float("ascl_t2", 0.05, "ASCL: temperature of the teacher distribution.")
+flags.DEFINE_float("ascl_momentum", 0.99, "ASCL: key encoder momentum (0.999 ImageNet).")
+flags.DEFINE_integer("moco_queue_size", 4096, "MoCo v2: queue of keys.")
+flags.DEFINE_list("moco_proj_dims", ["2048", "128"], "MoCo v2: projector widths.")
+flags.DEFINE_float("moco_t1", 0.1, "MoCo v2: temperature.")
+flags.DEFINE_float("moco_momentum", 0.99, "MoCo v2: key encoder momentum.")
+flags.DEFINE_enum("ascl_byol_kind", "ascl", ["ascl", "ahcl", "hard", "moco"],
+                  "ASCL-BYOL: relabelling type over the batch's other samples.")
+flags.DEFINE_integer("ascl_byol_num_neighbours", 1, "ASCL-BYOL: neighbours K.")
+flags.DEFINE_list("ascl_byol_proj_dims", ["2048", "128"], "ASCL-BYOL: projector widths.")
+flags.DEFINE_integer("ascl_byol_pred_hidden", 512, "ASCL-BYOL: predictor hidden width.")
+flags.DEFINE_float("ascl_byol_t2", 0.05, "ASCL-BYOL: teacher temperature.")
+flags.DEFINE_float("ascl_byol_momentum", 0.99, "ASCL-BYOL: target encoder momentum.")
 flags.DEFINE_integer("mixmatch_num_augmentations", 2, "MixMatch: K augmentations per unlabeled image.")
 flags.DEFINE_float("mixmatch_temperature", 0.5, "MixMatch: sharpening temperature T.")
 flags.DEFINE_float("mixmatch_alpha", 0.75, "MixMatch: Beta(alpha, alpha) of MixUp.")
