@@ -81,9 +81,11 @@ METHOD_FLAGS = {
     "simmatch": ["temperature", "alpha", "threshold", "lambda_u", "lambda_in", "da_len",
                  "bank_momentum", "teacher", "teacher_momentum", "proj_dims"],
     "fixmatch": ["threshold", "lambda_u", "teacher", "teacher_momentum"],
-    "ascl": ["queue_size", "kind", "num_neighbours", "proj_dims", "t1", "t2", "momentum"],
-    "moco": ["queue_size", "proj_dims", "t1", "momentum"],
-    "ascl_byol": ["kind", "num_neighbours", "proj_dims", "pred_hidden", "t2", "momentum"],
+    "ascl": ["queue_size", "kind", "num_neighbours", "proj_dims", "t1", "t2", "momentum",
+             "crop_min_scale"],
+    "moco": ["queue_size", "proj_dims", "t1", "momentum", "crop_min_scale"],
+    "ascl_byol": ["kind", "num_neighbours", "proj_dims", "pred_hidden", "t2", "momentum",
+                  "crop_min_scale"],
     "mixmatch": ["num_augmentations", "temperature", "alpha", "lambda_u", "rampup_kimg",
                  "weight_decay", "interleave"],
 }
@@ -128,6 +130,9 @@ flags.DEFINE_list("ascl_proj_dims", ["2048", "128"], "ASCL: projector widths (no
 flags.DEFINE_float("ascl_t1", 0.1, "ASCL: temperature of the contrastive logits.")
 flags.DEFINE_float("ascl_t2", 0.05, "ASCL: temperature of the teacher distribution.")
 flags.DEFINE_float("ascl_momentum", 0.99, "ASCL: key encoder momentum (0.999 ImageNet).")
+flags.DEFINE_float("ascl_crop_min_scale", 0.2, "ASCL: smallest random-resized crop of the query view.")
+flags.DEFINE_float("moco_crop_min_scale", 0.2, "MoCo v2: smallest crop of the query view.")
+flags.DEFINE_float("ascl_byol_crop_min_scale", 0.2, "ASCL-BYOL: smallest crop of the query view.")
 flags.DEFINE_integer("moco_queue_size", 4096, "MoCo v2: queue of keys.")
 flags.DEFINE_list("moco_proj_dims", ["2048", "128"], "MoCo v2: projector widths.")
 flags.DEFINE_float("moco_t1", 0.1, "MoCo v2: temperature.")

@@ -88,17 +88,20 @@ class ASCL(SSLModel):
 
     # ------------------------------------------------------------- plumbing
     @classmethod
-    def views(cls, opts: Dict, **unused):
-        """Unlabeled ``query`` (strong: random-resized crop (0.2, 1), flip, colour
-        jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5) and ``key``
-        (weak: crop + flip). The labeled stream is not used: ASCL is
+    def views(cls, opts: Dict, crop_min_scale: float = 0.2, **unused):
+        """Unlabeled ``query`` (strong: random-resized crop (crop_min_scale=0.2, 1),
+        flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5)
+        and ``key`` (weak: crop + flip). The labeled stream is not used: ASCL is
         self-supervised."""
-        query = augment.simclr(opts["size"], opts["channels"], scale=(0.2, 1.0),
+        if not 0 < crop_min_scale <= 1:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}.")
+        query = augment.simclr(opts["size"], opts["channels"], scale=(crop_min_scale, 1.0),
                                flip=opts.get("flip", True), strength=0.5)
         return {"weak": augment.weak(**opts)}, {"query": query, "key": augment.weak(**opts)}
 
     @classmethod
-    def from_args(cls, encoder, source, **kwargs):
+    def from_args(cls, encoder, source, crop_min_scale=None, **kwargs):
+        """``crop_min_scale`` only shapes the views (see ``views``)."""
         if "proj_dims" in kwargs:
             kwargs["proj_dims"] = tuple(int(d) for d in kwargs["proj_dims"])
         return cls(encoder=encoder, **kwargs)
