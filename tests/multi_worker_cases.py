@@ -94,3 +94,18 @@ def simmatch():
         return m
 
     return build, data
+
+
+def ascl():
+    """ASCL: the queue takes the keys (and diagnostic labels) of every worker's
+    rows, at the same pointer on every worker."""
+    x, y = _images(24, seed=5)
+    data = tf.data.Dataset.from_tensor_slices({"unlabeled": {
+        "query": x, "key": np.clip(x * 1.1, 0, 1), "label": y, "index": np.arange(24)}}).batch(8)
+
+    def build():
+        m = methods.ASCL(_encoder(), queue_size=16, proj_dims=(16, 8), momentum=0.9)
+        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        return m
+
+    return build, data

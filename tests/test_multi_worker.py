@@ -25,7 +25,7 @@ def test_keras_behaviour_the_base_model_works_around_is_unchanged():
     assert 'strategy.reduce("MEAN", v, axis=0)' in reduce
 
 
-@pytest.mark.parametrize("case", ["supervised", "sela", "mixmatch", "simmatch"])
+@pytest.mark.parametrize("case", ["supervised", "sela", "mixmatch", "simmatch", "ascl"])
 def test_two_workers_match_one_process(case, tmp_path):
     one, workers = testing.assert_workers_match(f"{CASES}:{case}", num_workers=2, steps=3,
                                                 log_dir=str(tmp_path))
