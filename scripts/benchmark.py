@@ -59,6 +59,7 @@ flags.DEFINE_float("sinkhorn_tol", 0.1, "sinkhorn: stopping tolerance.")
 flags.DEFINE_string("backbone", "wrn28_2", "throughput: backbone.")
 flags.DEFINE_integer("image_size", 32, "throughput: image side.")
 flags.DEFINE_integer("channels", 3, "throughput: image channels.")
+flags.DEFINE_string("norm", "batch", "throughput: backbone normalisation (ghost_batch: split BN).")
 flags.DEFINE_integer("num_classes", 10, "throughput: classes.")
 flags.DEFINE_integer("batch_size", 64, "throughput: labeled batch B.")
 flags.DEFINE_integer("unlabeled_batch_size", 0, "throughput: unlabeled batch B_u.")
@@ -148,6 +149,13 @@ STEP_PASSES = {
     "sela": lambda b, b_u: 3 * b_u,  # forward+backward on the unlabeled view only
     # K=2 label-guess forwards (no gradient), then B + K*B_u mixed rows with gradient.
     "mixmatch": lambda b, b_u: 2 * b_u + 3 * (b + 2 * b_u),
+    # One forward with gradient over labeled + weak + strong (online teacher).
+    "simmatch": lambda b, b_u: 3 * (b + 2 * b_u),
+    "fixmatch": lambda b, b_u: 3 * (b + 2 * b_u),
+    # Query with gradient + key through the momentum encoder without.
+    "ascl": lambda b, b_u: 4 * b_u,
+    "moco": lambda b, b_u: 4 * b_u,
+    "ascl_byol": lambda b, b_u: 4 * b_u,
 }
 
 
@@ -183,12 +191,17 @@ def throughput():
     class _Source:  # what from_args needs
         num_classes = F.num_classes
         num_train, num_extra_unlabeled = 50_000, 0  # CIFAR-sized (SeLa's label table)
+        train_labels = np.arange(50_000) % F.num_classes
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        encoder = models.encoder(models.get_backbone(F.backbone, shape), (0.5,) * F.channels,
+        encoder = models.encoder(models.get_backbone(F.backbone, shape, norm=F.norm),
+                                 (0.5,) * F.channels,
                                  (0.25,) * F.channels)
-        model = methods.get(F.method).from_args(encoder=encoder, source=_Source())
+        extra = {}
+        if getattr(methods.get(F.method), "needs_labeled_ids", False):
+            extra["labeled_ids"] = np.arange(4000)  # a CIFAR-10 4000-label bank
+        model = methods.get(F.method).from_args(encoder=encoder, source=_Source(), **extra)
         model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     opts = dict(size=F.image_size, channels=F.channels, flip=True, pad=F.image_size // 8)
     lab_views, unl_views = methods.get(F.method).views(opts)
@@ -235,7 +248,8 @@ def throughput():
         with open(F.result_json, "w") as f:
             json.dump(result, f)
         return
-    row = (f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.backbone} {F.image_size}px, "
+    row = (f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.backbone} {F.image_size}px"
+           f"{'' if F.norm == 'batch' else ' ' + F.norm}, "
            f"B={F.batch_size}, B_u={F.unlabeled_batch_size} | {step_flops / 1e9:.1f} G | "
            f"{step_s:.3f} s | {images / step_s:.1f} | {peak:.0f} GFLOP/s | {mfu:.2f} | "
            f"{os_onednn} | {F.note or '-'} |\n")
