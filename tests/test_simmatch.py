@@ -210,3 +210,14 @@ def test_config_round_trip_and_from_args():
     with pytest.raises(ValueError, match="needs labeled_ids"):
         SimMatch(_encoder(), 10)
     assert FixMatch.from_config(FixMatch(_encoder(), 10, threshold=0.7).get_config()).threshold == 0.7
+
+
+def test_no_propagation_during_warm_up():
+    keras.utils.set_random_seed(0)
+    m = _simmatch(warmup_steps=2)
+    m.compile(optimizer=keras.optimizers.SGD(0.01))
+    seen = []
+    for b in _batches(4):
+        m.reset_metrics()
+        seen.append(float(m.train_on_batch(b, return_dict=True)["loss_in"]))
+    assert seen[0] == 0.0 and seen[1] == 0.0 and seen[2] > 0 and seen[3] > 0
