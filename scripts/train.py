@@ -51,12 +51,19 @@ flags.DEFINE_integer("seed", d.seed, "Seed of the split, shuffling and initialis
 flags.DEFINE_string("backbone", d.backbone, "auto, small_cnn, resnet18, resnet50, wrn28_2, wrn28_8.")
 flags.DEFINE_enum("norm", d.norm, ["batch", "sync_batch", "ghost_batch", "none"],
                   "Backbone normalisation (ghost_batch: split BN in 8 groups, ASCL's single-device choice).")
-flags.DEFINE_string("optimizer", d.optimizer, "sgd, adam or adamw.")
+flags.DEFINE_string("optimizer", d.optimizer,
+                    "sgd, adam, adamw or lars (LARS over SGD momentum; biases and BN excluded).")
 flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
 flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
 flags.DEFINE_boolean("nesterov", d.nesterov, "SGD Nesterov momentum.")
 flags.DEFINE_float("weight_decay", d.weight_decay, "Weight decay (not on biases / BN).")
 flags.DEFINE_integer("warmup_epochs", d.warmup_epochs, "Linear warm-up epochs.")
+flags.DEFINE_float("start_learning_rate", d.start_learning_rate,
+                   "Learning rate at the start of the warm-up (cosine schedule).")
+flags.DEFINE_float("final_learning_rate", d.final_learning_rate,
+                   "Learning rate the cosine decay ends at.")
+flags.DEFINE_float("lars_trust_coefficient", d.lars_trust_coefficient,
+                   "LARS trust coefficient eta (--optimizer=lars; 0.001 in PAWS).")
 flags.DEFINE_string("lr_schedule", d.lr_schedule, "cosine or constant.")
 flags.DEFINE_float("ema_decay", d.ema_decay, "EMA of weights for evaluation/export (off if unset).")
 flags.DEFINE_string("strategy", d.strategy, "auto, default, mirrored, multi_worker, tpu.")
@@ -86,6 +93,10 @@ METHOD_FLAGS = {
     "moco": ["queue_size", "proj_dims", "t1", "momentum", "crop_min_scale"],
     "ascl_byol": ["kind", "num_neighbours", "proj_dims", "pred_hidden", "t2", "momentum",
                   "crop_min_scale"],
+    "paws": ["classes_per_batch", "imgs_per_class", "unique_classes", "replacement",
+             "support_views", "label_smoothing", "proj_hidden", "proj_dim", "use_pred_head",
+             "temperature", "sharpen_t", "me_max", "num_local", "local_size", "recipe",
+             "finetune_epochs", "finetune_lr", "finetune_batch_size"],
     "mixmatch": ["num_augmentations", "temperature", "alpha", "lambda_u", "rampup_kimg",
                  "weight_decay", "interleave"],
 }
@@ -157,6 +168,31 @@ flags.DEFINE_float("mixmatch_weight_decay", 0.02,
 flags.DEFINE_boolean("mixmatch_interleave", True,
                      "MixMatch: K+1 interleaved forwards, only the first updating BN (official); "
                      "false: one concatenated forward.")
+flags.DEFINE_integer("paws_classes_per_batch", 10, "PAWS: classes C' in the (global) support "
+                     "batch (10 CIFAR-10; ImageNet 960 = 64 replicas x 15 with --paws_unique_classes).")
+flags.DEFINE_integer("paws_imgs_per_class", 16, "PAWS: support images per class (64 CIFAR-10, "
+                     "7 ImageNet). The support batch, classes x images, replaces --batch_size.")
+flags.DEFINE_boolean("paws_unique_classes", False,
+                     "PAWS: each replica samples its own classes_per_batch / replicas classes.")
+flags.DEFINE_boolean("paws_replacement", False,
+                     "PAWS: sample support images with replacement (classes with fewer labeled "
+                     "images than --paws_imgs_per_class are then allowed).")
+flags.DEFINE_integer("paws_support_views", 2, "PAWS: views per support image (2 CIFAR, 1 ImageNet).")
+flags.DEFINE_float("paws_label_smoothing", 0.1, "PAWS: smoothing of the support labels.")
+flags.DEFINE_integer("paws_proj_hidden", 128, "PAWS: projection head hidden width (2048 ImageNet).")
+flags.DEFINE_integer("paws_proj_dim", 128, "PAWS: projection output h (2048 ImageNet).")
+flags.DEFINE_boolean("paws_use_pred_head", False, "PAWS: prediction head (ImageNet).")
+flags.DEFINE_float("paws_temperature", 0.1, "PAWS: soft nearest-neighbour temperature tau.")
+flags.DEFINE_float("paws_sharpen_t", 0.25, "PAWS: target sharpening temperature T.")
+flags.DEFINE_boolean("paws_me_max", True, "PAWS: the ME-MAX regulariser.")
+flags.DEFINE_integer("paws_num_local", 6, "PAWS: local multi-crops per unlabeled image (0: off).")
+flags.DEFINE_integer("paws_local_size", None, "PAWS: local crop side (default 18/32 of the image).")
+flags.DEFINE_enum("paws_recipe", None, ["cifar", "imagenet"],
+                  "PAWS: view recipe (default: imagenet above 96 px, else cifar).")
+flags.DEFINE_integer("paws_finetune_epochs", 30,
+                     "PAWS: epochs of the fine-tuning evaluation on the labeled set (0: skip).")
+flags.DEFINE_float("paws_finetune_lr", 0.05, "PAWS: fine-tuning learning rate.")
+flags.DEFINE_integer("paws_finetune_batch_size", 64, "PAWS: fine-tuning batch size.")
 flags.DEFINE_boolean("sela_one_head_per_call", False,
                      "SeLa: relabel one head per call (CIFAR) instead of all (ImageNet).")
 

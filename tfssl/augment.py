@@ -139,9 +139,10 @@ def strong(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] =
 
 def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.8,
                   grayscale_p: float = 0.2, blur_p: float = 0.5,
-                  solarize_p: float = 0.0) -> View:
+                  solarize_p: float = 0.0, equalize_p: float = 0.0) -> View:
     """SimCLR colour distortion on a float [0, 1] image: colour jitter
-    (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur, solarize."""
+    (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur, then
+    solarize and histogram equalisation, each with its probability."""
     s = strength
     jitter = keras.layers.RandomColorJitter(
         value_range=(0, 1), brightness_factor=0.8 * s, contrast_factor=0.8 * s,
@@ -151,6 +152,7 @@ def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.
     blur = keras.layers.RandomGaussianBlur(factor=1.0, kernel_size=3, sigma=(0.1, 2.0),
                                            value_range=(0, 1))
     solar = keras.layers.Solarization(threshold_factor=(0.5, 0.5), value_range=(0, 1))
+    equalize = keras.layers.Equalization(value_range=(0, 1))
     steps = [random_apply(lambda x: jitter(x, training=True), jitter_p)]
     if channels == 3 and grayscale_p > 0:
         steps.append(lambda x: gray(x, training=True))
@@ -158,10 +160,14 @@ def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.
         steps.append(random_apply(lambda x: blur(x, training=True), blur_p))
     if solarize_p > 0:
         steps.append(random_apply(lambda x: solar(x, training=True), solarize_p))
+    if equalize_p > 0:
+        steps.append(random_apply(lambda x: equalize(x, training=True), equalize_p))
 
     def view(x):
+        shape = x.shape
         for step in steps:
             x = step(x)
+            x.set_shape(shape)  # some layers lose the static channel count
         return tf.clip_by_value(x, 0.0, 1.0)
     return view
 
@@ -174,6 +180,7 @@ def simclr(size: int, channels: int = 3, scale: Sequence[float] = (0.2, 1.0),
 
     def view(image):
         x = random_resized_crop(to_float(image), size, scale)
+        x.set_shape([size, size, channels])
         if flip_layer is not None:
             x = flip_layer(x, training=True)
         x = colour(x)
@@ -193,3 +200,41 @@ def multicrop(global_size: int, local_size: int, num_global: int = 2, num_local:
     views.update({f"local_{i}": simclr(local_size, channels, local_scale, flip, **colour_kwargs)
                   for i in range(num_local)})
     return views
+
+
+# PAWS's view recipes (official code), per dataset scale: random-resized crop
+# scales of the global and local views, the local crop side, and the colour
+# distortion. ``small`` is tfssl's adaptation to 8x8 images (no flip for digits).
+PAWS_RECIPES = {
+    "cifar": dict(global_scale=(0.75, 1.0), local_scale=(0.3, 0.75), strength=0.5,
+                  solarize_p=0.2, equalize_p=0.2, blur_p=0.0, grayscale_p=0.2),
+    "imagenet": dict(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), strength=1.0,
+                     solarize_p=0.0, equalize_p=0.0, blur_p=0.5, grayscale_p=0.2),
+}
+
+
+def paws(global_size: int, local_size: int, num_local: int = 6, channels: int = 3,
+         recipe: str = "cifar", flip: bool = True, support_views: int = 2):
+    """PAWS's views: ``(support views, unlabeled views)``.
+
+    Supports: ``view_0 .. view_{support_views-1}``, each the global view of the
+    labeled image. Unlabeled: ``global_0``, ``global_1`` at ``global_size`` and
+    ``local_0 .. local_{num_local-1}`` at ``local_size`` (multi-crop), each a
+    random-resized crop + flip + the recipe's colour distortion.
+
+    Recipes (``PAWS_RECIPES``): ``cifar`` crops (0.75, 1) / (0.3, 0.75), colour
+    jitter strength 0.5 with p 0.8, grayscale 0.2, solarize 0.2, equalize 0.2;
+    ``imagenet`` crops (0.14, 1) / (0.05, 0.14) with SimCLR's colour (jitter 1.0,
+    grayscale 0.2, blur 0.5).
+    """
+    if recipe not in PAWS_RECIPES:
+        raise ValueError(f"PAWS view recipe {recipe!r} is not one of {sorted(PAWS_RECIPES)}.")
+    if support_views < 1 or num_local < 0:
+        raise ValueError("support_views must be >= 1 and num_local >= 0.")
+    r = dict(PAWS_RECIPES[recipe])
+    global_scale, local_scale = r.pop("global_scale"), r.pop("local_scale")
+    unlabeled = multicrop(global_size, local_size, 2, num_local, channels, global_scale,
+                          local_scale, flip, **r)
+    supports = {f"view_{v}": simclr(global_size, channels, global_scale, flip, **r)
+                for v in range(support_views)}
+    return supports, unlabeled

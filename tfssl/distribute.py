@@ -228,3 +228,42 @@ def all_reduce_mean(x: tf.Tensor) -> tf.Tensor:
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return x
     return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
+
+
+def all_gather_with_grad(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
+    """Concatenates ``x`` over replicas along ``axis``, WITH gradient.
+
+    Backward: the incoming gradient of the gathered tensor is summed over
+    replicas (all-reduce SUM) and each replica keeps its own slice. With the
+    per-replica loss scaling of ``scale_loss`` this gives exactly the
+    single-device gradient of a loss on the concatenated tensor (PAWS's
+    supports: every replica's anchors attend to every replica's supports).
+    Identity on one device.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return x
+
+    @tf.custom_gradient
+    def gather(local):
+        out = ctx.all_gather(local, axis=axis)
+
+        def grad(dy):
+            total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dy)
+            n = tf.shape(local)[axis]
+            start = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * n
+            return tf.gather(total, tf.range(start, start + n), axis=axis)
+        return out, grad
+
+    return gather(x)
+
+
+def all_reduce_mean_identity_grad(x: tf.Tensor) -> tf.Tensor:
+    """Mean of ``x`` over replicas whose backward is the identity (the official
+    PAWS AllReduce of ME-MAX's mean prediction): ``x + sg(mean_r x_r - x)``.
+    With ``scale_loss`` the replicas' summed gradients equal the single-device
+    gradient of a loss on the global mean. Identity on one device."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return x
+    return x + tf.stop_gradient(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x) - x)

@@ -43,33 +43,44 @@ def export_encoder(encoder: keras.Model, path: str) -> str:
     return _write([encoder], serve, c, path)
 
 
-def export_classifier(encoder: keras.Model, head: keras.layers.Layer, path: str) -> str:
-    """Writes the classifier's serving SavedModel (probabilities and features)."""
+def export_classifier(encoder: keras.Model, head: keras.layers.Layer, path: str,
+                      gives_probabilities: bool = False) -> str:
+    """Writes the classifier's serving SavedModel (probabilities and features).
+    ``head`` maps features to logits, or to probabilities if ``gives_probabilities``
+    (PAWS's soft nearest-neighbour head with its supports inside)."""
     h, w, c = encoder.input_shape[1:]
 
     def serve(images):
         feats = tf.cast(encoder(_preprocess(images, [h, w]), training=False), tf.float32)
-        logits = tf.cast(head(feats), tf.float32)
-        return {"probabilities": tf.nn.softmax(logits, -1), "features": feats}
+        out = tf.cast(head(feats), tf.float32)
+        probs = out if gives_probabilities else tf.nn.softmax(out, -1)
+        return {"probabilities": probs, "features": feats}
     return _write([encoder, head], serve, c, path)
 
 
-def export_model(model, export_dir: str, use_ema: bool = False) -> Dict[str, str]:
+def export_model(model, export_dir: str, use_ema: bool = False, labeled=None) -> Dict[str, str]:
     """Exports ``model.encoder`` (and its classifier, if any) under ``export_dir``.
 
     Args:
       model: an ``SSLModel``.
-      export_dir: e.g. ``saved_models/<run>``; gets ``encoder/`` and ``classifier/``.
+      export_dir: e.g. ``saved_models/<run>``; gets ``encoder/`` and ``classifier/``
+        (and ``finetuned/`` for a model that was fine-tuned by its evaluation).
       use_ema: export the EMA weights (for methods that evaluate with them).
+      labeled: the labeled evaluation dataset, for classifiers that embed the
+        labeled images (PAWS); without it such a model exports its encoder only.
 
-    Returns: {"encoder": path, "classifier": path (if the model has a head)}.
+    Returns: {"encoder": path, "classifier": path (if the model has one), ...}.
     """
     os.makedirs(export_dir, exist_ok=True)
     paths = {}
     with (model.ema_applied() if use_ema else contextlib.nullcontext()):
         paths["encoder"] = export_encoder(model.encoder, os.path.join(export_dir, "encoder"))
-        if getattr(model, "head", None) is not None:
+        head = model.serving_head(labeled)
+        if head is not None:
             paths["classifier"] = export_classifier(
-                model.encoder, model.head, os.path.join(export_dir, "classifier"))
+                model.encoder, head[0], os.path.join(export_dir, "classifier"), head[1])
+    finetuned = getattr(model, "finetuned", None)
+    if finetuned is not None:
+        paths["finetuned"] = export_classifier(*finetuned, os.path.join(export_dir, "finetuned"))
     return paths
 

@@ -22,7 +22,7 @@ import numpy as np
 
 
 BACKUP_DIR = "backup"
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lars")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -62,6 +62,9 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: int = 0
+    start_learning_rate: float = 0.0
+    final_learning_rate: float = 0.0
+    lars_trust_coefficient: float = 0.001
     lr_schedule: str = "cosine"
     ema_decay: Optional[float] = None
     strategy: str = "auto"
@@ -115,6 +118,11 @@ class TrainConfig:
             raise ConfigError(f"--lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+        if self.start_learning_rate < 0 or self.final_learning_rate < 0:
+            raise ConfigError("--start_learning_rate and --final_learning_rate must be >= 0.")
+        if not self.lars_trust_coefficient > 0:
+            raise ConfigError(f"--lars_trust_coefficient must be > 0, got "
+                              f"{self.lars_trust_coefficient}.")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight_decay must be >= 0, got {self.weight_decay}.")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
@@ -165,15 +173,20 @@ def view_options(dataset: str, image_shape) -> Dict[str, Any]:
 def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
     import keras
 
+    from tfssl import optimizers
+
     if cfg.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup_steps else cfg.learning_rate,
-            decay_steps=max(1, total_steps - warmup_steps),
-            warmup_target=cfg.learning_rate if warmup_steps else None,
-            warmup_steps=warmup_steps)
+        lr = optimizers.warmup_cosine(cfg.learning_rate, max(total_steps, warmup_steps + 1),
+                                      warmup_steps, cfg.start_learning_rate,
+                                      cfg.final_learning_rate)
     else:
         lr = cfg.learning_rate
     wd = cfg.weight_decay or None
+    if cfg.optimizer == "lars":
+        # LARS couples its weight decay with the trust ratio and excludes biases
+        # and normalisation parameters from both itself.
+        return optimizers.LARS(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               trust_coefficient=cfg.lars_trust_coefficient)
     if cfg.optimizer == "sgd":
         opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                    weight_decay=wd)
@@ -271,19 +284,32 @@ def _prepare(cfg: TrainConfig):
     keras.utils.set_random_seed(cfg.seed)
     labeled_views, unlabeled_views = method_cls.views(
         view_options(cfg.dataset, source.image_shape), **cfg.method_args)
+    support = method_cls.support_sampling(replicas, **cfg.method_args)
+    if support is not None:
+        # A class-stratified support batch replaces the labeled batch (PAWS):
+        # its size is classes_per_batch x imgs_per_class, not --batch_size.
+        cfg = dataclasses.replace(
+            cfg, batch_size=support["classes_per_batch"] * support["imgs_per_class"])
+        # Checks the labeled set against the sampler (classes, images per class).
+        data.support_indices(np.asarray(source.train_labels)[labeled_ids],
+                             support["classes_per_batch"], support["imgs_per_class"],
+                             support["num_chunks"], support["replacement"])
     b_u = cfg.unlabeled_batch_size
     if b_u is None:
         b_u = 7 * cfg.batch_size if unlabeled_views else 0
     if not unlabeled_views:
         b_u = 0
-    for flag, b in (("batch_size", cfg.batch_size), ("unlabeled_batch_size", b_u)):
+    flag_of_b = f"{cfg.method}_classes_per_batch x {cfg.method}_imgs_per_class" if support else (
+        "batch_size")
+    for flag, b in ((flag_of_b, cfg.batch_size), ("unlabeled_batch_size", b_u)):
         if b % replicas:
             raise ValueError(f"--{flag}={b} (global) does not divide by the {replicas} "
                              f"replicas of --strategy={cfg.strategy}.")
     cfg, scratch = _worker_outputs(cfg, strategy)
     os.makedirs(cfg.workdir, exist_ok=True)
     data.write_labeled_ids(cfg.workdir, labeled_ids, source.train_labels, cfg.seed)
-    return cfg, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u, scratch
+    return (cfg, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u, support,
+            scratch)
 
 
 class _SameResumePoint:
@@ -354,7 +380,8 @@ def _worker_outputs(cfg: TrainConfig, strategy):
     return dataclasses.replace(cfg, workdir=workdir, export_dir=export_dir), scratch
 
 
-def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u):
+def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u,
+           support):
     import keras
     import tensorflow as tf
 
@@ -366,7 +393,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     train_ds = data.semi_supervised(
         source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
         include_labeled_in_unlabeled=_include_labeled(cfg), seed=cfg.seed,
-        deterministic=cfg.deterministic)
+        deterministic=cfg.deterministic, support=support)
     n_stream = source.num_train + source.num_extra_unlabeled
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_stream / (b_u or cfg.batch_size)))
     side = source.image_shape[0]
@@ -385,6 +412,11 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
 
     use_ema = model.evaluate_with_ema
     has_head = getattr(model, "head", None) is not None
+    ctx = dict(source=source, labeled_ids=labeled_ids, epochs=cfg.epochs, steps_per_epoch=steps,
+               batch_size=cfg.batch_size, unlabeled_batch_size=b_u,
+               labeled_views=labeled_views, unlabeled_views=unlabeled_views, bank=bank_ds,
+               test=test_ds, eval_every=cfg.eval_every, seed=cfg.seed,
+               deterministic=cfg.deterministic)
     callbacks = [evaluation.KNNMonitor(bank_ds, test_ds, source.num_classes, cfg.knn_k,
                                        cfg.knn_t, cfg.eval_every, use_ema=use_ema),
                  *([evaluation.TestAccuracy(test_ds, cfg.eval_every)] if use_ema and has_head
@@ -392,11 +424,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                  *([evaluation.LinearProbeMonitor(bank_ds, test_ds, source.num_classes,
                                                   cfg.eval_every, use_ema=use_ema)]
                    if not has_head else []),
-                 *model.training_callbacks(dict(
-                     source=source, labeled_ids=labeled_ids, epochs=cfg.epochs,
-                     steps_per_epoch=steps, batch_size=cfg.batch_size,
-                     unlabeled_batch_size=b_u, labeled_views=labeled_views,
-                     unlabeled_views=unlabeled_views)),
+                 *model.training_callbacks(ctx),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
                                                   double_checkpoint=True),
                  *([_SameResumePoint()] if distribute.is_multi_worker(strategy) else []),
@@ -438,10 +466,11 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
         if not has_head:
             metrics["linear_probe_top1"] = evaluation.linear_probe_accuracy(
                 model.encoder, bank_ds, test_ds, source.num_classes, seed=cfg.seed)
+        metrics.update(model.final_evaluation(ctx))
     export_paths = {}
     if cfg.export_dir:
         export_paths = export.export_model(model, os.path.join(cfg.export_dir, cfg.run_name),
-                                           use_ema=use_ema)
+                                           use_ema=use_ema, labeled=bank_ds)
     summary = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -488,5 +517,10 @@ def export_run(workdir: str, export_dir: Optional[str] = None) -> Dict[str, str]
             labeled_ids = np.asarray(json.load(f)["indices"], np.int64)
     model, _ = build_model(cfg, source, labeled_ids)
     model.load_weights(weights)
+    labeled = None
+    if labeled_ids is not None:
+        side = source.image_shape[0]
+        labeled = data.evaluation(source.subset(labeled_ids), side, 256,
+                                  0.875 if side > 96 else None)
     return export.export_model(model, export_dir or os.path.join("saved_models", cfg.run_name),
-                               use_ema=model.evaluate_with_ema)
+                               use_ema=model.evaluate_with_ema, labeled=labeled)

@@ -52,7 +52,8 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
                     unlabeled_batch_size: int = 0,
                     include_labeled_in_unlabeled: bool = True,
                     seed: int = 0, shuffle_buffer: int = 50_000,
-                    deterministic: bool = False) -> tf.data.Dataset:
+                    deterministic: bool = False,
+                    support: Optional[Dict] = None) -> tf.data.Dataset:
     """An infinite stream of labeled (+ unlabeled) multi-view batches.
 
     Args:
@@ -69,6 +70,11 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
       deterministic: apply the views one image at a time, so that with a fixed
         seed (``keras.utils.set_random_seed`` before the views are built) the
         stream is identical from run to run; slower on large data.
+      support: if given, the labeled stream is PAWS's class-stratified support
+        sampler (``tfssl.data.support_stream``) with these keyword arguments
+        (``classes_per_batch``, ``imgs_per_class``, ``num_chunks``,
+        ``replacement``); ``batch_size`` must then equal
+        ``classes_per_batch * imgs_per_class``.
 
     Returns:
       ``tf.data.Dataset`` of the dicts described in the module docstring.
@@ -79,8 +85,19 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
     n_l = len(labeled_ids)
     # Cache the labeled images when they fit comfortably (decoded, ~< 1 GB).
     cache_labeled = small or n_l * int(np.prod(source.image_shape)) * 2 < 1e9
-    labeled = _stream(source.subset(labeled_ids), labeled_views, batch_size, seed,
-                      min(shuffle_buffer, n_l), cache=cache_labeled, deterministic=deterministic)
+    if support is not None:
+        from tfssl.data.support import support_stream
+
+        m = support["classes_per_batch"] * support["imgs_per_class"]
+        if m != batch_size:
+            raise ValueError(f"the support batch is {m} images (classes_per_batch x "
+                             f"imgs_per_class), but batch_size={batch_size}.")
+        labeled = support_stream(source, labeled_ids, labeled_views, seed=seed,
+                                 deterministic=deterministic, **support)
+    else:
+        labeled = _stream(source.subset(labeled_ids), labeled_views, batch_size, seed,
+                          min(shuffle_buffer, n_l), cache=cache_labeled,
+                          deterministic=deterministic)
     if not unlabeled_batch_size:
         return tf.data.Dataset.zip({"labeled": labeled}).prefetch(AUTOTUNE)
     if include_labeled_in_unlabeled:

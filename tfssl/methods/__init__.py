@@ -7,6 +7,7 @@ from typing import Dict, Type
 from tfssl.methods.ascl import ASCL, ASCLBYOL, MoCo
 from tfssl.methods.base import SSLModel
 from tfssl.methods.mixmatch import MixMatch
+from tfssl.methods.paws import PAWS
 from tfssl.methods.sela import SeLa
 from tfssl.methods.simmatch import FixMatch, SimMatch
 from tfssl.methods.supervised import Supervised
@@ -41,3 +42,4 @@ register("fixmatch", FixMatch)
 register("ascl", ASCL)
 register("moco", MoCo)
 register("ascl_byol", ASCLBYOL)
+register("paws", PAWS)

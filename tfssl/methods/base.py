@@ -146,13 +146,37 @@ class SSLModel(keras.Model):
         keyword arguments (what ``scripts/train.py`` collects from its flags)."""
         return cls(encoder=encoder, num_classes=source.num_classes, **kwargs)
 
+    @classmethod
+    def support_sampling(cls, replicas: int, **method_args) -> Optional[Dict]:
+        """Arguments of a class-stratified labeled sampler
+        (``tfssl.data.support_stream``) when the method needs one (PAWS), else
+        None (the labeled stream is shuffled batches)."""
+        return None
+
     def training_callbacks(self, ctx: Dict) -> list:
         """Callbacks the method needs during ``fit`` (e.g. SeLa's relabelling).
 
         ``ctx`` has ``source``, ``labeled_ids``, ``epochs``, ``steps_per_epoch``,
-        ``batch_size`` and ``unlabeled_batch_size`` (global), and the
-        ``labeled_views`` / ``unlabeled_views`` dicts."""
+        ``batch_size`` and ``unlabeled_batch_size`` (global), the
+        ``labeled_views`` / ``unlabeled_views`` dicts, and (from
+        ``scripts/train.py``) ``bank`` / ``test`` evaluation datasets and
+        ``eval_every``."""
         return []
+
+    def final_evaluation(self, ctx: Dict) -> Dict[str, float]:
+        """Method-specific metrics for ``summary.json`` after training (PAWS:
+        soft-NN and fine-tuned accuracy); ``ctx`` as for ``training_callbacks``
+        plus ``seed``."""
+        return {}
+
+    def serving_head(self, labeled=None) -> Optional[keras.Model]:
+        """What the classifier export puts on the encoder's features:
+        ``(model, gives_probabilities)``, or None for no classifier export.
+        Default: the linear head (logits). ``labeled`` is the labeled
+        evaluation dataset, for non-parametric classifiers (PAWS)."""
+        if self.head is None:
+            return None
+        return self.head, False
 
     @property
     def evaluate_with_ema(self) -> bool:

@@ -41,3 +41,21 @@ def encoder(backbone: keras.Model, mean: Sequence[float], std: Sequence[float],
     inp = keras.Input(shape=backbone.input_shape[1:])
     norm = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")
     return keras.Model(inp, backbone(norm(inp)), name=name)
+
+
+def accept_any_image_size(model: keras.Model) -> keras.Model:
+    """Lets a convolutional model built for one image size take others (PAWS's
+    multi-crop: 32 px global and 18 px local views through one encoder).
+
+    Keras checks a functional model's declared input shape on every call; this
+    relaxes the check of ``model`` and every model nested in it to "rank 4 with
+    the same channels". The declared shape (what export resizes to) is kept.
+    Valid for models whose layers do not depend on the spatial size (convolutions,
+    normalisation, global pooling). Returns ``model``, changed in place.
+    """
+    channels = model.input_shape[-1]
+    spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
+    for m in [model] + [layer for layer in model._flatten_layers()
+                        if isinstance(layer, keras.Model)]:
+        m.input_spec = spec
+    return model
