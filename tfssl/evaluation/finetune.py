@@ -34,7 +34,7 @@ def finetune_model(encoder: keras.Model, projector: keras.Model,
     return enc, head
 
 
-def finetune(encoder: keras.Model, projector: keras.Model, labeled: tf.data.Dataset,
+def fine_tune(encoder: keras.Model, projector: keras.Model, labeled: tf.data.Dataset,
              num_labeled: int, test: tf.data.Dataset, num_classes: int, epochs: int = 30,
              batch_size: int = 64, learning_rate: float = 0.05, weight_decay: float = 5e-4,
              view: str = "weak", verbose: int = 0) -> Dict:

@@ -160,7 +160,7 @@ class PAWS(SSLModel):
         ``finetune_top1`` (a fine-tuned copy, kept in ``self.finetuned`` for export)."""
         from tfssl import data
         from tfssl.evaluation import snn
-        from tfssl.evaluation.finetune import finetune
+        from tfssl.evaluation.finetune import fine_tune
 
         source = ctx["source"]
         out = {"snn_top1": snn.snn_accuracy(snn.embedding_fn(self), ctx["bank"], ctx["test"],
@@ -171,7 +171,7 @@ class PAWS(SSLModel):
                 source, ctx["labeled_ids"], {view: ctx["labeled_views"][view]},
                 self.finetune_batch_size, seed=ctx.get("seed", 0),
                 deterministic=ctx.get("deterministic", False))
-            res = finetune(self.encoder, self.projector, stream, len(ctx["labeled_ids"]),
+            res = fine_tune(self.encoder, self.projector, stream, len(ctx["labeled_ids"]),
                            ctx["test"], source.num_classes, self.finetune_epochs,
                            self.finetune_batch_size, self.finetune_lr, view=view)
             out["finetune_top1"] = res["top1"]
