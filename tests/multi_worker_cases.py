@@ -109,3 +109,29 @@ def ascl():
         return m
 
     return build, data
+
+
+def paws():
+    """PAWS: supports all-gathered across workers with gradient (custom
+    backward), ME-MAX's mean over the global batch, a multi-crop forward, LARS."""
+    from tfssl import data, optimizers
+
+    rng = np.random.default_rng(6)
+    x = rng.uniform(0, 1, [30, 8, 8, 1]).astype("float32")
+    y = np.arange(30) % 5
+    pos = np.concatenate([p.numpy() for p in data.support_indices(y, 4, 2, seed=6).take(3)])
+    u = rng.integers(0, 30, 12)
+    sup = tf.data.Dataset.from_tensor_slices(
+        {"view_0": x[pos], "view_1": np.clip(x[pos] * 0.9, 0, 1), "label": y[pos]}).batch(8)
+    unl = tf.data.Dataset.from_tensor_slices(
+        {"global_0": x[u], "global_1": np.clip(x[u] * 1.1, 0, 1), "local_0": x[u][:, :6, :6],
+         "label": y[u]}).batch(4)
+    dataset = tf.data.Dataset.zip({"labeled": sup, "unlabeled": unl})
+
+    def build():
+        m = methods.PAWS(_encoder(), num_classes=5, classes_per_batch=4, imgs_per_class=2,
+                         proj_hidden=16, proj_dim=8, finetune_epochs=0)
+        m.compile(optimizer=optimizers.LARS(0.05, weight_decay=1e-4, trust_coefficient=0.02))
+        return m
+
+    return build, dataset

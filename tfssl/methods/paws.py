@@ -205,10 +205,11 @@ class PAWS(SSLModel):
 
     def _gather_supports(self, x, num_views, grad):
         """[V * m_local, d] per-replica supports -> [V * m, d] global layout."""
-        x = tf.reshape(x, [num_views, -1, x.shape[-1]])
+        d = x.shape[-1]
+        x = tf.reshape(x, [num_views, -1, d])
         x = (distribute.all_gather_with_grad(x, axis=1) if grad
              else distribute.all_gather(x, axis=1))
-        return tf.reshape(x, [-1, x.shape[-1]])
+        return tf.reshape(x, [-1, d])
 
     # ----------------------------------------------------------------- step
     def train_step(self, data):
