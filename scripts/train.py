@@ -189,9 +189,9 @@ flags.DEFINE_integer("paws_num_local", 6, "PAWS: local multi-crops per unlabeled
 flags.DEFINE_integer("paws_local_size", None, "PAWS: local crop side (default 18/32 of the image).")
 flags.DEFINE_enum("paws_recipe", None, ["cifar", "imagenet"],
                   "PAWS: view recipe (default: imagenet above 96 px, else cifar).")
-flags.DEFINE_integer("paws_finetune_epochs", 30,
+flags.DEFINE_integer("paws_finetune_epochs", 100,
                      "PAWS: epochs of the fine-tuning evaluation on the labeled set (0: skip).")
-flags.DEFINE_float("paws_finetune_lr", 0.05, "PAWS: fine-tuning learning rate.")
+flags.DEFINE_float("paws_finetune_lr", 0.01, "PAWS: fine-tuning learning rate (SGD Nesterov, cosine).")
 flags.DEFINE_integer("paws_finetune_batch_size", 64, "PAWS: fine-tuning batch size.")
 flags.DEFINE_boolean("sela_one_head_per_call", False,
                      "SeLa: relabel one head per call (CIFAR) instead of all (ImageNet).")

@@ -96,7 +96,7 @@ class PAWS(SSLModel):
                  unique_classes: bool = False, label_smoothing: float = 0.1,
                  proj_hidden: int = 128, proj_dim: int = 128, use_pred_head: bool = False,
                  temperature: float = 0.1, sharpen_t: float = 0.25, me_max: bool = True,
-                 finetune_epochs: int = 30, finetune_lr: float = 0.05,
+                 finetune_epochs: int = 100, finetune_lr: float = 0.01,
                  finetune_batch_size: int = 64, **kwargs):
         super().__init__(heads.accept_any_image_size(encoder), num_classes=None, **kwargs)
         if classes_per_batch < 2 or imgs_per_class < 1:
@@ -166,14 +166,14 @@ class PAWS(SSLModel):
         out = {"snn_top1": snn.snn_accuracy(snn.embedding_fn(self), ctx["bank"], ctx["test"],
                                             source.num_classes, self.temperature)}
         if self.finetune_epochs:
-            view = sorted(ctx["labeled_views"])[0]
+            # The dataset's weak view (flip + crop): the usual fine-tuning augmentation.
+            view = ctx.get("weak_view") or ctx["labeled_views"]["view_0"]
             stream = data.semi_supervised(
-                source, ctx["labeled_ids"], {view: ctx["labeled_views"][view]},
-                self.finetune_batch_size, seed=ctx.get("seed", 0),
-                deterministic=ctx.get("deterministic", False))
+                source, ctx["labeled_ids"], {"weak": view}, self.finetune_batch_size,
+                seed=ctx.get("seed", 0), deterministic=ctx.get("deterministic", False))
             res = fine_tune(self.encoder, self.projector, stream, len(ctx["labeled_ids"]),
                            ctx["test"], source.num_classes, self.finetune_epochs,
-                           self.finetune_batch_size, self.finetune_lr, view=view)
+                           self.finetune_batch_size, self.finetune_lr, view="weak")
             out["finetune_top1"] = res["top1"]
             self.finetuned = (res["encoder"], res["head"])
         return out
