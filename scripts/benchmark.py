@@ -64,6 +64,10 @@ flags.DEFINE_integer("num_classes", 10, "throughput: classes.")
 flags.DEFINE_integer("batch_size", 64, "throughput: labeled batch B.")
 flags.DEFINE_integer("unlabeled_batch_size", 0, "throughput: unlabeled batch B_u.")
 flags.DEFINE_integer("steps", 5, "throughput: timed steps.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars"],
+                  "throughput: SGD momentum 0.9, or LARS (PAWS's; trust 0.001, wd 1e-6).")
+flags.DEFINE_multi_string("method_arg", [], "throughput: a method argument NAME=VALUE "
+                          "(Python literal), e.g. --method_arg=imgs_per_class=64.")
 flags.DEFINE_integer("warmup", 3, "throughput: untimed warm-up steps.")
 flags.DEFINE_string("method", "supervised", "Method to train.")
 flags.DEFINE_string("flagfile_to_run", "flags/digits.cfg", "Flagfile for train.py.")
@@ -156,7 +160,29 @@ STEP_PASSES = {
     "ascl": lambda b, b_u: 4 * b_u,
     "moco": lambda b, b_u: 4 * b_u,
     "ascl_byol": lambda b, b_u: 4 * b_u,
+    # PAWS: see _paws_step_flops (two resolutions).
 }
+
+
+def _paws_step_flops(model, batch, backbone, channels):
+    """PAWS: forward+backward of every support view and both global views at
+    the image size, and of the local crops at their size (counted on the same
+    backbone built at that size)."""
+    from tfssl import models
+    from tfssl.models.flops import forward_flops
+
+    def fwd(size):
+        enc = models.encoder(models.get_backbone(backbone, (size, size, channels)),
+                             (0.5,) * channels, (0.25,) * channels)
+        return forward_flops(enc) + forward_flops(model.projector)
+
+    sup, unl = batch["labeled"], batch["unlabeled"]
+    total = 0
+    for views in (sup, unl):
+        for name, x in views.items():
+            if name not in ("label", "index"):
+                total += 3 * fwd(int(x.shape[1])) * int(x.shape[0])
+    return total
 
 
 def _peak_gflops():
@@ -198,23 +224,40 @@ def throughput():
         encoder = models.encoder(models.get_backbone(F.backbone, shape, norm=F.norm),
                                  (0.5,) * F.channels,
                                  (0.25,) * F.channels)
+        import ast
+
+        from tfssl import optimizers
         extra = {}
+        for item in F.method_arg:
+            key, _, value = item.partition("=")
+            extra[key] = ast.literal_eval(value)
         if getattr(methods.get(F.method), "needs_labeled_ids", False):
             extra["labeled_ids"] = np.arange(4000)  # a CIFAR-10 4000-label bank
-        model = methods.get(F.method).from_args(encoder=encoder, source=_Source(), **extra)
-        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+        cls = methods.get(F.method)
+        model = cls.from_args(encoder=encoder, source=_Source(), **extra)
+        opt = (optimizers.LARS(0.1, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001)
+               if F.optimizer == "lars" else keras.optimizers.SGD(0.01, momentum=0.9))
+        model.compile(optimizer=opt)
     opts = dict(size=F.image_size, channels=F.channels, flip=True, pad=F.image_size // 8)
-    lab_views, unl_views = methods.get(F.method).views(opts)
+    lab_views, unl_views = cls.views(opts, **extra)
+    support = cls.support_sampling(strategy.num_replicas_in_sync, **extra)
+    b = F.batch_size
+    if support is not None:  # PAWS: the support batch, class-interleaved labels
+        b = support["classes_per_batch"] * support["imgs_per_class"]
     rng = np.random.default_rng(0)
 
-    def fake(views, n):
-        out = {name: tf.constant(rng.uniform(0, 1, (n,) + shape).astype("float32"))
-               for name in views}
-        out["label"] = tf.constant(rng.integers(0, F.num_classes, [n]))
+    def fake(views, n, labels=None):
+        out = {}
+        for name, view in views.items():  # each view's own output size (multi-crop)
+            vshape = tuple(view(tf.zeros(shape, tf.uint8)).shape)
+            out[name] = tf.constant(rng.uniform(0, 1, (n,) + vshape).astype("float32"))
+        out["label"] = tf.constant(rng.integers(0, F.num_classes, [n]) if labels is None
+                                   else labels)
         out["index"] = tf.range(n, dtype=tf.int64)
         return out
 
-    batch = {"labeled": fake(lab_views, F.batch_size)}
+    batch = {"labeled": fake(lab_views, b, None if support is None else
+                             np.arange(b) % support["classes_per_batch"])}
     if unl_views and F.unlabeled_batch_size:
         batch["unlabeled"] = fake(unl_views, F.unlabeled_batch_size)
     ds = tf.data.Dataset.from_tensors(batch).repeat()
@@ -234,8 +277,11 @@ def throughput():
     step_s = float(np.median(timer.times[F.warmup:]))
     fwd = forward_flops(model.encoder) + (forward_flops(model.head)
                                           if getattr(model, "head", None) is not None else 0)
-    step_flops = fwd * STEP_PASSES[F.method](F.batch_size, F.unlabeled_batch_size)
-    images = F.batch_size + F.unlabeled_batch_size
+    if F.method == "paws":
+        step_flops = _paws_step_flops(model, batch, F.backbone, F.channels)
+    else:
+        step_flops = fwd * STEP_PASSES[F.method](F.batch_size, F.unlabeled_batch_size)
+    images = b + F.unlabeled_batch_size
     mfu = step_flops / step_s / (peak * 1e9)
     if F.result_json:
         result = dict(step_s=step_s, steps_s=timer.times[F.warmup:], images_per_s=images / step_s,
@@ -250,7 +296,8 @@ def throughput():
         return
     row = (f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.backbone} {F.image_size}px"
            f"{'' if F.norm == 'batch' else ' ' + F.norm}, "
-           f"B={F.batch_size}, B_u={F.unlabeled_batch_size} | {step_flops / 1e9:.1f} G | "
+           f"B={b}, B_u={F.unlabeled_batch_size}{', ' + F.optimizer if F.optimizer != 'sgd' else ''}"
+           f"{''.join(', ' + a for a in F.method_arg)} | {step_flops / 1e9:.1f} G | "
            f"{step_s:.3f} s | {images / step_s:.1f} | {peak:.0f} GFLOP/s | {mfu:.2f} | "
            f"{os_onednn} | {F.note or '-'} |\n")
     _append("## Throughput (one training step, random tensors, fp32)", THROUGHPUT_HEADER, [row])
