@@ -416,3 +416,47 @@ def test_config_round_trip_and_flags():
     assert unl["local_0"](img).shape == (18, 18, 3) and unl["global_0"](img).shape == (32, 32, 3)
     assert PAWS.support_sampling(4, classes_per_batch=8, imgs_per_class=3,
                                  unique_classes=True)["num_chunks"] == 4
+
+
+# -------------------------------------------------------------- program
+def _paws_cfg(tmp_path, **kw):
+    from tfssl.train import TrainConfig
+
+    args = dict(classes_per_batch=10, imgs_per_class=2, num_local=2, proj_hidden=16,
+                proj_dim=16, finetune_epochs=2)
+    args.update(kw.pop("method_args", {}))
+    base = dict(method="paws", workdir=str(tmp_path / "run"), export_dir=str(tmp_path / "sm"),
+                epochs=1, steps_per_epoch=2, labels_per_class=2, unlabeled_batch_size=16,
+                optimizer="lars", learning_rate=1.0, strategy="default", verbose=0, knn_k=10,
+                method_args=args)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_program_reports_snn_and_finetuned_accuracy_and_exports(tmp_path):
+    from tfssl.train import export_run, run
+
+    summary = run(_paws_cfg(tmp_path))
+    assert set(summary["metrics"]) == {"knn_top1", "linear_probe_top1", "snn_top1",
+                                       "finetune_top1"}
+    assert summary["flags"]["batch_size"] == 20  # the support batch, 10 classes x 2
+    assert set(summary["export"]) == {"encoder", "classifier", "finetuned"}
+    assert "snn_top1" in summary["history"] and "loss_me" in summary["history"]
+    images = np.zeros([2, 8, 8, 1], np.uint8)
+    probs = tf.saved_model.load(summary["export"]["classifier"]).signatures["serving_default"](
+        images=tf.constant(images))["probabilities"].numpy()
+    assert probs.shape == (2, 10)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    again = export_run(str(tmp_path / "run"), str(tmp_path / "again"))  # supports rebuilt
+    served = tf.saved_model.load(again["classifier"]).signatures["serving_default"](
+        images=tf.constant(images))["probabilities"].numpy()
+    np.testing.assert_allclose(served, probs, rtol=1e-4, atol=1e-6)
+
+
+def test_training_program_refuses_a_support_batch_the_labels_cannot_fill(tmp_path):
+    from tfssl.train import ConfigError, run
+
+    with pytest.raises(ConfigError, match="fewer than imgs_per_class=3"):
+        run(_paws_cfg(tmp_path, method_args=dict(imgs_per_class=3)))
+    with pytest.raises(ConfigError, match="only 10"):
+        run(_paws_cfg(tmp_path, method_args=dict(classes_per_batch=12)))
