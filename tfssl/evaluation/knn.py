@@ -29,11 +29,14 @@ def _features_fn(encoder: keras.Model):
     return _FEATURE_FNS[encoder]
 
 
-def extract(encoder: keras.Model, dataset: tf.data.Dataset):
+def extract(encoder: keras.Model, dataset: tf.data.Dataset, features_fn=None):
     """L2-normalised features and labels of an evaluation dataset (in memory).
 
+    ``features_fn`` (images -> normalised features) replaces the encoder's
+    features when given (PAWS's projection embeddings).
+
     Returns: (features float32 [N, D], labels int64 [N])."""
-    f = _features_fn(encoder)
+    f = features_fn or _features_fn(encoder)
     feats, labels = [], []
     for batch in dataset:
         feats.append(f(batch["image"]).numpy())

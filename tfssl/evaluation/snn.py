@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfssl.evaluation.callbacks import _EpochEvaluation
+from tfssl.evaluation.knn import extract
 
 
 @tf.function(reduce_retracing=True)
@@ -70,13 +71,10 @@ def snn_accuracy(embed: Callable, labeled: tf.data.Dataset, test: tf.data.Datase
                  num_classes: int, temperature: float = 0.1) -> float:
     """Top-1 accuracy on ``test`` of the SNN classifier whose supports are every
     image of ``labeled`` (both evaluation datasets of ``{"image", "label"}``)."""
-    qf, qy = [], []
-    for batch in test:
-        qf.append(embed(batch["image"]).numpy())
-        qy.append(batch["label"].numpy())
+    qf, qy = extract(None, test, embed)
     stream = ((embed(b["image"]).numpy(), b["label"].numpy()) for b in labeled)
-    probs = snn_predict(np.concatenate(qf), stream, num_classes, temperature)
-    return float(np.mean(np.argmax(probs, 1) == np.concatenate(qy)))
+    probs = snn_predict(qf, stream, num_classes, temperature)
+    return float(np.mean(np.argmax(probs, 1) == qy))
 
 
 class SNNMonitor(_EpochEvaluation):
@@ -124,11 +122,6 @@ class SNNHead(keras.layers.Layer):
 def build_snn_head(model, labeled: tf.data.Dataset, num_classes: int,
                    temperature: float = 0.1, use_ema: bool = False) -> SNNHead:
     """An ``SNNHead`` holding the embeddings of every image of ``labeled``."""
-    embed = embedding_fn(model)
-    feats, labels = [], []
     with (model.ema_applied() if use_ema else contextlib.nullcontext()):
-        for b in labeled:
-            feats.append(embed(b["image"]).numpy())
-            labels.append(b["label"].numpy())
-    return SNNHead(np.concatenate(feats), np.concatenate(labels), num_classes, temperature,
-                   name="snn_head")
+        feats, labels = extract(None, labeled, embedding_fn(model))
+    return SNNHead(feats, labels, num_classes, temperature, name="snn_head")

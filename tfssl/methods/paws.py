@@ -262,9 +262,7 @@ class PAWS(SSLModel):
         """The dataset class of each support column, from the gathered support
         labels; fails if a column's rows are not all of one class (a support
         batch whose layout does not match the label matrix)."""
-        y = tf.cast(sup["label"], tf.int64)
-        y = distribute.all_gather(tf.tile(y[None], [num_views, 1]), axis=1)
-        y = tf.reshape(y, [-1])
+        y = tf.tile(distribute.all_gather(tf.cast(sup["label"], tf.int64)), [num_views])
         cols = tf.argmax(labels, -1, output_type=tf.int32)
         lo = tf.math.unsorted_segment_min(y, cols, self.classes_per_batch)
         hi = tf.math.unsorted_segment_max(y, cols, self.classes_per_batch)
