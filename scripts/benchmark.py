@@ -344,7 +344,8 @@ def multi_worker_bench():
     common = [f"--method={F.method}", f"--backbone={F.backbone}", f"--image_size={F.image_size}",
               f"--channels={F.channels}", f"--num_classes={F.num_classes}",
               f"--batch_size={F.batch_size}", f"--unlabeled_batch_size={F.unlabeled_batch_size}",
-              f"--steps={F.steps}", f"--warmup={F.warmup}", "--mode=throughput"]
+              f"--steps={F.steps}", f"--warmup={F.warmup}", f"--optimizer={F.optimizer}",
+              "--mode=throughput", *[f"--method_arg={a}" for a in F.method_arg]]
     env1 = launch.worker_env({}, F.threads)
     env1.pop("TF_CONFIG")
     one_json, many_json = os.path.join(out, "one.json"), os.path.join(out, "many.json")
