@@ -285,6 +285,7 @@ def throughput():
     mfu = step_flops / step_s / (peak * 1e9)
     if F.result_json:
         result = dict(step_s=step_s, steps_s=timer.times[F.warmup:], images_per_s=images / step_s,
+                      labeled_batch=b,
                       peak_gflops=peak, mfu=mfu, step_gflops=step_flops / 1e9,
                       replicas=strategy.num_replicas_in_sync)
         if distribute.is_multi_worker(strategy):
@@ -356,8 +357,9 @@ def multi_worker_bench():
     if rc:
         raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs")
     one, many = json.load(open(one_json)), json.load(open(many_json))
-    setup = (f"{F.backbone} {F.image_size}px B={F.batch_size} B_u={F.unlabeled_batch_size}, "
-             "random tensors")
+    setup = (f"{F.backbone} {F.image_size}px B={one.get('labeled_batch', F.batch_size)} "
+             f"B_u={F.unlabeled_batch_size}"
+             f"{', ' + F.optimizer if F.optimizer != 'sgd' else ''}, random tensors")
     rows = [f"| {datetime.date.today()} | {_commit()} | {F.method} | {setup} | 1 ({F.threads}) | "
             f"{F.num_workers} ({per}) | {one['step_s']:.3f} s / {one['images_per_s']:.1f} | "
             f"{many['step_s']:.3f} s / {many['images_per_s']:.1f} | "
