@@ -203,8 +203,7 @@ def multicrop(global_size: int, local_size: int, num_global: int = 2, num_local:
 
 
 # PAWS's view recipes (official code), per dataset scale: random-resized crop
-# scales of the global and local views, the local crop side, and the colour
-# distortion. ``small`` is tfssl's adaptation to 8x8 images (no flip for digits).
+# scales of the global and local views and the colour distortion.
 PAWS_RECIPES = {
     "cifar": dict(global_scale=(0.75, 1.0), local_scale=(0.3, 0.75), strength=0.5,
                   solarize_p=0.2, equalize_p=0.2, blur_p=0.0, grayscale_p=0.2),

@@ -385,7 +385,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     import keras
     import tensorflow as tf
 
-    from tfssl import augment, data, distribute, evaluation, export
+    from tfssl import data, distribute, evaluation, export
 
     replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
@@ -417,7 +417,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                labeled_views=labeled_views, unlabeled_views=unlabeled_views, bank=bank_ds,
                test=test_ds, eval_every=cfg.eval_every, seed=cfg.seed,
                deterministic=cfg.deterministic,
-               weak_view=augment.weak(**view_options(cfg.dataset, source.image_shape)))
+               view_options=view_options(cfg.dataset, source.image_shape))
     callbacks = [evaluation.KNNMonitor(bank_ds, test_ds, source.num_classes, cfg.knn_k,
                                        cfg.knn_t, cfg.eval_every, use_ema=use_ema),
                  *([evaluation.TestAccuracy(test_ds, cfg.eval_every)] if use_ema and has_head

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tfssl import augment
 from tfssl.data.sources import Source
+from tfssl.data.support import support_stream
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -86,8 +87,6 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
     # Cache the labeled images when they fit comfortably (decoded, ~< 1 GB).
     cache_labeled = small or n_l * int(np.prod(source.image_shape)) * 2 < 1e9
     if support is not None:
-        from tfssl.data.support import support_stream
-
         m = support["classes_per_batch"] * support["imgs_per_class"]
         if m != batch_size:
             raise ValueError(f"the support batch is {m} images (classes_per_batch x "

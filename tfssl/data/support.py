@@ -32,10 +32,9 @@ def labeled_images(source: Source, labeled_ids: np.ndarray, size: int = None) ->
     labeled_ids = np.asarray(labeled_ids, np.int64)
     if source.train_arrays is not None:
         return source.train_arrays[0][labeled_ids]
-    order = np.argsort(labeled_ids)
     out = [None] * len(labeled_ids)
     where = {int(i): k for k, i in enumerate(labeled_ids)}
-    for e in source.subset(labeled_ids[order]).as_numpy_iterator():
+    for e in source.subset(labeled_ids).as_numpy_iterator():  # in train-set order
         img = e["image"]
         if size is not None and img.shape[:2] != (size, size):
             img = tf.cast(tf.clip_by_value(tf.image.resize(img, [size, size], antialias=True),

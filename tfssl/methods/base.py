@@ -159,17 +159,17 @@ class SSLModel(keras.Model):
         ``ctx`` has ``source``, ``labeled_ids``, ``epochs``, ``steps_per_epoch``,
         ``batch_size`` and ``unlabeled_batch_size`` (global), the
         ``labeled_views`` / ``unlabeled_views`` dicts, and (from
-        ``scripts/train.py``) ``bank`` / ``test`` evaluation datasets and
-        ``eval_every``."""
+        ``scripts/train.py``) ``bank`` / ``test`` evaluation datasets,
+        ``eval_every``, ``seed``, ``deterministic`` and the dataset's weak-view
+        ``view_options``."""
         return []
 
     def final_evaluation(self, ctx: Dict) -> Dict[str, float]:
         """Method-specific metrics for ``summary.json`` after training (PAWS:
-        soft-NN and fine-tuned accuracy); ``ctx`` as for ``training_callbacks``
-        plus ``seed``."""
+        soft-NN and fine-tuned accuracy); ``ctx`` as for ``training_callbacks``."""
         return {}
 
-    def serving_head(self, labeled=None) -> Optional[keras.Model]:
+    def serving_head(self, labeled=None) -> Optional[Tuple[keras.Model, bool]]:
         """What the classifier export puts on the encoder's features:
         ``(model, gives_probabilities)``, or None for no classifier export.
         Default: the linear head (logits). ``labeled`` is the labeled

@@ -167,7 +167,8 @@ class PAWS(SSLModel):
                                             source.num_classes, self.temperature)}
         if self.finetune_epochs:
             # The dataset's weak view (flip + crop): the usual fine-tuning augmentation.
-            view = ctx.get("weak_view") or ctx["labeled_views"]["view_0"]
+            view = (augment.weak(**ctx["view_options"]) if "view_options" in ctx
+                    else ctx["labeled_views"]["view_0"])
             stream = data.semi_supervised(
                 source, ctx["labeled_ids"], {"weak": view}, self.finetune_batch_size,
                 seed=ctx.get("seed", 0), deterministic=ctx.get("deterministic", False))
