@@ -84,7 +84,8 @@ flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
 METHOD_FLAGS = {
     "supervised": ["label_smoothing"],
     "sela": ["num_clusters", "num_heads", "lam", "tol", "nopts", "schedule",
-             "one_head_per_call", "relabel_mode", "max_iters", "augmentation"],
+             "one_head_per_call", "relabel_mode", "max_iters", "augmentation",
+             "crop_min_scale"],
     "simmatch": ["temperature", "alpha", "threshold", "lambda_u", "lambda_in", "da_len",
                  "bank_momentum", "teacher", "teacher_momentum", "proj_dims"],
     "fixmatch": ["threshold", "lambda_u", "teacher", "teacher_momentum"],
@@ -112,8 +113,10 @@ flags.DEFINE_enum("sela_relabel_mode", "train", ["train", "eval"],
                   "SeLa: relabelling pass on augmented images in training mode (official) "
                   "or on plain images in inference mode.")
 flags.DEFINE_integer("sela_max_iters", 1000, "SeLa: Sinkhorn iteration bound.")
-flags.DEFINE_enum("sela_augmentation", "weak", ["strong", "weak"],
-                  "SeLa: training view, weak (flip/crop) or strong (+ RandAugment, Cutout).")
+flags.DEFINE_enum("sela_augmentation", "weak", ["strong", "weak", "simclr"],
+                  "SeLa: training view, weak (flip/crop), strong (+ RandAugment, Cutout) "
+                  "or simclr (the official transform: resized crop + colour jitter).")
+flags.DEFINE_float("sela_crop_min_scale", 0.2, "SeLa: smallest crop area of the simclr view.")
 flags.DEFINE_float("simmatch_temperature", 0.1, "SimMatch: instance similarity temperature t.")
 flags.DEFINE_float("simmatch_alpha", 0.9, "SimMatch: weight of p in p_hat (aggregation 1 - alpha).")
 flags.DEFINE_float("simmatch_threshold", 0.95, "SimMatch: confidence threshold tau (0.7 ImageNet).")

@@ -163,3 +163,34 @@ def test_tfds_not_prepared_or_unknown_is_a_clear_error(tmp_path):
         sources.tfds_source("no_such_set", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="--data_dir="):
         sources.tfds_source("cifar10", data_dir=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("workers,replicas_per_worker", [(2, 1), (2, 2)])
+def test_worker_slices_rebuild_the_global_batches(digits, workers, replicas_per_worker):
+    # Multi-worker input (distribute_datasets_from_function): each worker's
+    # per-replica batches, in replica order, are the rows of the global batch
+    # one process draws (labeled, unlabeled and PAWS support streams).
+    ids = data.labeled_split(digits.train_labels, 10, labels_per_class=4, seed=0)
+    weak = {"weak": augment.weak(8, 1, flip=False, pad=1)}
+    replicas = workers * replicas_per_worker
+    support = dict(classes_per_batch=4, imgs_per_class=4, num_chunks=1, replacement=False)
+
+    def stream(ctx=None, sup=None):
+        return data.semi_supervised(digits, ids, weak, 16, weak, 8, seed=3, input_context=ctx,
+                                    support=sup)
+
+    for sup in (None, support):
+        whole = [b for b in stream(sup=sup).take(3)]
+        parts = []
+        for w in range(workers):
+            ctx = tf.distribute.InputContext(workers, w, replicas)
+            parts.append([b for b in stream(ctx, sup).take(3 * replicas_per_worker)])
+        for g in range(3):
+            for key, rows in (("labeled", 16), ("unlabeled", 8)):
+                got = np.concatenate([parts[w][g * replicas_per_worker + r][key]["index"]
+                                      for w in range(workers)
+                                      for r in range(replicas_per_worker)])
+                assert parts[0][0][key]["weak"].shape[0] == rows // replicas
+                np.testing.assert_array_equal(got, whole[g][key]["index"].numpy())
+    with pytest.raises(ValueError, match="does not split over 3 replicas"):
+        stream(tf.distribute.InputContext(1, 0, 3))

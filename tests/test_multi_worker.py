@@ -15,12 +15,17 @@ CASES = os.path.join(os.path.dirname(__file__), "multi_worker_cases.py")
 
 def test_keras_behaviour_the_base_model_works_around_is_unchanged():
     # If a Keras upgrade changes either, revisit SSLModel._maybe_symbolic_build
-    # and _multi_worker_logs (tfssl/methods/base.py): they may become unneeded,
+    # and _make_function (tfssl/methods/base.py): they may become unneeded,
     # or wrong.
     from keras.src.backend.tensorflow import trainer
 
     build = inspect.getsource(trainer.TensorFlowTrainer._maybe_symbolic_build)
     assert "distribute_strategy.reduce" in build
+    make = inspect.getsource(trainer.TensorFlowTrainer._make_function)
+    assert "distribute_strategy.run(step_function" in make and "reduce_per_replica" in make
+    for name in ("make_train_function", "make_test_function"):
+        assert "self._make_function(self." in inspect.getsource(
+            getattr(trainer.TensorFlowTrainer, name))
     reduce = inspect.getsource(trainer.reduce_per_replica)
     assert 'strategy.reduce("MEAN", v, axis=0)' in reduce
 

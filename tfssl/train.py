@@ -390,10 +390,17 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
 
-    train_ds = data.semi_supervised(
-        source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
-        include_labeled_in_unlabeled=_include_labeled(cfg), seed=cfg.seed,
-        deterministic=cfg.deterministic, support=support)
+    def stream(input_context=None):
+        return data.semi_supervised(
+            source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
+            include_labeled_in_unlabeled=_include_labeled(cfg), seed=cfg.seed,
+            deterministic=cfg.deterministic, support=support, input_context=input_context)
+
+    multi_worker = distribute.is_multi_worker(strategy)
+    # Beyond one host each worker builds only its slice of every global batch
+    # (same order as one process; no worker augments another's images).
+    train_ds = (strategy.distribute_datasets_from_function(stream) if multi_worker
+                else distribute.shard_by_data(stream()))
     n_stream = source.num_train + source.num_extra_unlabeled
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_stream / (b_u or cfg.batch_size)))
     side = source.image_shape[0]
@@ -401,7 +408,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     crop = 0.875 if side > 96 else None  # ImageNet-scale: resize 256, centre 224
     test_ds = data.evaluation(source.test(), side, eval_bs, crop)
     bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs, crop)
-    train_ds, test_ds, bank_ds = (distribute.shard_by_data(d) for d in (train_ds, test_ds, bank_ds))
+    test_ds, bank_ds = (distribute.shard_by_data(d) for d in (test_ds, bank_ds))
 
     with strategy.scope():
         try:

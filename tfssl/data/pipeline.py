@@ -9,6 +9,14 @@ The training stream's elements are dicts::
 is the true label where the data has one (-1 otherwise): for diagnostics only
 (pseudo-label accuracy, neighbour purity), never for a loss. Batch sizes are
 GLOBAL: under a strategy Keras splits each batch across replicas in order.
+
+Beyond one host, ``semi_supervised(..., input_context=ctx)`` (for
+``strategy.distribute_datasets_from_function``) builds one worker's part of
+the same stream: every worker draws the same shuffled order, keeps only its
+slice of each global batch BEFORE the views are applied (so no worker
+augments images that another one trains on), and batches it per replica.
+Global replica ``k`` gets rows ``[k B/R, (k+1) B/R)`` of the global batch, as
+under ``MirroredStrategy``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import tensorflow as tf
 
 from tfssl import augment
 from tfssl.data.sources import Source
+from tfssl.data.shards import keep_slice, shard_slice
 from tfssl.data.support import support_stream
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -35,16 +44,19 @@ def _apply_views(views: Dict[str, augment.View]):
 
 
 def _stream(ds: tf.data.Dataset, views, batch_size: int, seed: int, buffer: int,
-            cache: bool, deterministic: bool) -> tf.data.Dataset:
+            cache: bool, deterministic: bool,
+            input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
     if cache:
         ds = ds.cache()
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    first, rows, per_replica = shard_slice(batch_size, input_context)
+    ds = keep_slice(ds, batch_size, first, rows)
     # Views draw from stateful RNGs: with parallel calls, which element gets
     # which draw depends on thread timing; one call at a time makes the
     # augmentations a function of the seed.
     ds = ds.map(_apply_views(views), num_parallel_calls=1 if deterministic else AUTOTUNE,
                 deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True)
+    return ds.batch(per_replica, drop_remainder=True)
 
 
 def semi_supervised(source: Source, labeled_ids: np.ndarray,
@@ -54,7 +66,9 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
                     include_labeled_in_unlabeled: bool = True,
                     seed: int = 0, shuffle_buffer: int = 50_000,
                     deterministic: bool = False,
-                    support: Optional[Dict] = None) -> tf.data.Dataset:
+                    support: Optional[Dict] = None,
+                    input_context: Optional[tf.distribute.InputContext] = None
+                    ) -> tf.data.Dataset:
     """An infinite stream of labeled (+ unlabeled) multi-view batches.
 
     Args:
@@ -76,9 +90,13 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
         (``classes_per_batch``, ``imgs_per_class``, ``num_chunks``,
         ``replacement``); ``batch_size`` must then equal
         ``classes_per_batch * imgs_per_class``.
+      input_context: for ``strategy.distribute_datasets_from_function``: build
+        only this input pipeline's slice of every global batch, batched per
+        replica (see the module docstring). None: the whole global batches.
 
     Returns:
-      ``tf.data.Dataset`` of the dicts described in the module docstring.
+      ``tf.data.Dataset`` of the dicts described in the module docstring
+      (per-replica batches when ``input_context`` is given).
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
@@ -92,11 +110,12 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
             raise ValueError(f"the support batch is {m} images (classes_per_batch x "
                              f"imgs_per_class), but batch_size={batch_size}.")
         labeled = support_stream(source, labeled_ids, labeled_views, seed=seed,
-                                 deterministic=deterministic, **support)
+                                 deterministic=deterministic, input_context=input_context,
+                                 **support)
     else:
         labeled = _stream(source.subset(labeled_ids), labeled_views, batch_size, seed,
                           min(shuffle_buffer, n_l), cache=cache_labeled,
-                          deterministic=deterministic)
+                          deterministic=deterministic, input_context=input_context)
     if not unlabeled_batch_size:
         return tf.data.Dataset.zip({"labeled": labeled}).prefetch(AUTOTUNE)
     if include_labeled_in_unlabeled:
@@ -111,7 +130,8 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
         unl = unl.concatenate(extra)
         n_u += source.num_extra_unlabeled
     unlabeled = _stream(unl, unlabeled_views, unlabeled_batch_size, seed + 1,
-                        min(shuffle_buffer, n_u), cache=small, deterministic=deterministic)
+                        min(shuffle_buffer, n_u), cache=small, deterministic=deterministic,
+                        input_context=input_context)
     return tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled}).prefetch(AUTOTUNE)
 
 

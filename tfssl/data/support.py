@@ -13,12 +13,13 @@ images of each, changes every batch.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from tfssl import augment
+from tfssl.data.shards import shard_slice
 from tfssl.data.sources import Source
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -106,7 +107,9 @@ def support_indices(labels: np.ndarray, classes_per_batch: int, imgs_per_class: 
 def support_stream(source: Source, labeled_ids: np.ndarray, views: Dict[str, augment.View],
                    classes_per_batch: int, imgs_per_class: int, num_chunks: int = 1,
                    replacement: bool = False, seed: int = 0,
-                   deterministic: bool = False) -> tf.data.Dataset:
+                   deterministic: bool = False,
+                   input_context: Optional[tf.distribute.InputContext] = None
+                   ) -> tf.data.Dataset:
     """Support batches ``{<view>: float32 [m, S, S, C], ..., "label": int64 [m],
     "index": int64 [m]}`` with ``m = classes_per_batch * imgs_per_class`` rows in
     the layout of the module docstring; every view is applied to the same
@@ -123,6 +126,8 @@ def support_stream(source: Source, labeled_ids: np.ndarray, views: Dict[str, aug
         ``imgs_per_class`` are then allowed).
       seed: the draws are a function of (seed, batch number).
       deterministic: apply views one image at a time (reproducible).
+      input_context: build only this input pipeline's rows of every batch,
+        batched per replica (``tfssl.data.pipeline`` module docstring).
     """
     labeled_ids = np.asarray(labeled_ids, np.int64)
     labels = np.asarray(source.train_labels)[labeled_ids]
@@ -142,6 +147,7 @@ def support_stream(source: Source, labeled_ids: np.ndarray, views: Dict[str, aug
         return out
 
     m = classes_per_batch * imgs_per_class
-    return (positions.unbatch()
+    first, rows, per_replica = shard_slice(m, input_context)
+    return (positions.map(lambda p: p[first:first + rows]).unbatch()
             .map(apply, num_parallel_calls=1 if deterministic else AUTOTUNE, deterministic=True)
-            .batch(m, drop_remainder=True))
+            .batch(per_replica, drop_remainder=True))

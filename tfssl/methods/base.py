@@ -20,7 +20,6 @@ The base gives it:
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Dict, List, Optional, Tuple
 
 import keras
@@ -29,32 +28,8 @@ import tensorflow as tf
 from tfssl import augment, distribute
 
 
-def _multi_worker_logs(step):
-    """Wraps a ``train_step``/``test_step`` so that ``fit`` works under
-    ``MultiWorkerMirroredStrategy``.
-
-    Upstream behaviour (Keras 3.8-3.15, ``keras/src/backend/tensorflow/trainer.py``,
-    ``reduce_per_replica``): under a multi-worker collective strategy the
-    returned logs are reduced with ``strategy.reduce("MEAN", v, axis=0)``,
-    which fails for the scalar values every step returns ("Invalid reduction
-    dimension 0"). Returning them with shape [1] makes that mean defined and
-    equal to the value (the trackers already hold global-batch values). Only
-    multi-worker runs are touched. ``tests/test_multi_worker.py`` fails if a
-    Keras upgrade changes the behaviour this relies on.
-    """
-    if getattr(step, "_tfssl_multi_worker_logs", False):
-        return step
-
-    @functools.wraps(step)
-    def wrapped(self, data):
-        logs = step(self, data)
-        if isinstance(logs, dict) and distribute.is_multi_worker(self.distribute_strategy):
-            logs = {k: (tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v)
-                    for k, v in logs.items()}
-        return logs
-
-    wrapped._tfssl_multi_worker_logs = True
-    return wrapped
+# The key under which a multi-worker step returns all its scalar logs at once.
+_PACKED_LOGS = "_tfssl_packed_logs"
 
 
 class SSLModel(keras.Model):
@@ -106,11 +81,45 @@ class SSLModel(keras.Model):
         # symbolic build from a batch.
         self.built = True
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        for name in ("train_step", "test_step"):
-            if name in cls.__dict__:
-                setattr(cls, name, _multi_worker_logs(cls.__dict__[name]))
+    def _make_function(self, step_function):
+        # Upstream behaviour (Keras 3.8-3.15, TensorFlowTrainer._make_function
+        # and reduce_per_replica): after every train/test step, under a
+        # multi-worker collective strategy, each returned log is reduced with
+        # its own strategy.reduce("MEAN", v, axis=0). For the scalars every
+        # step returns that fails ("Invalid reduction dimension 0"), and it
+        # would cost one cross-worker collective per log and step. Under
+        # multi-worker the step's scalar logs (tracker results, already the
+        # same on every worker) are packed into one [1, n] tensor, reduced
+        # once (the mean over axis 0 is the values themselves) and unpacked
+        # into the usual dict before callbacks see them. Only multi-worker
+        # runs are touched; tests/test_multi_worker.py fails if a Keras
+        # upgrade changes this behaviour.
+        if not distribute.is_multi_worker(self.distribute_strategy):
+            return super()._make_function(step_function)
+        keys = {}  # names of the logs in the order the step returns them (set at trace)
+
+        def packed_step(data):
+            logs = step_function(data)
+            if not isinstance(logs, dict):
+                return logs
+            keys["all"] = list(logs)
+            keys["packed"] = [k for k, v in logs.items() if tf.is_tensor(v) and v.shape.rank == 0]
+            out = {k: v for k, v in logs.items() if k not in keys["packed"]}
+            if keys["packed"]:
+                out[_PACKED_LOGS] = tf.reshape(
+                    tf.stack([tf.cast(logs[k], tf.float32) for k in keys["packed"]]), [1, -1])
+            return out
+
+        function = super()._make_function(packed_step)
+
+        def unpacking_function(iterator):
+            logs = function(iterator)
+            if not isinstance(logs, dict) or _PACKED_LOGS not in logs:
+                return logs
+            values = dict(zip(keys["packed"], tf.unstack(tf.reshape(logs[_PACKED_LOGS], [-1]))))
+            return {k: values[k] if k in values else logs[k] for k in keys["all"]}
+
+        return unpacking_function
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Upstream behaviour (Keras 3.8-3.15, TensorFlowTrainer._maybe_symbolic_build):
@@ -281,7 +290,6 @@ class SSLModel(keras.Model):
             return h
         return self.head(h)
 
-    @_multi_worker_logs
     def test_step(self, data):
         """Top-1 accuracy and CE of the classifier on ``{"image", "label"}`` batches."""
         if self.head is None:

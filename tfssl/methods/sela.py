@@ -68,14 +68,17 @@ class SeLa(SSLModel):
         training mode, so BN uses batch statistics and updates its moving
         averages) or ``eval`` (unaugmented images, inference mode).
       max_iters: Sinkhorn's iteration bound.
-      augmentation: ``strong`` or ``weak`` training view (see ``views``).
+      augmentation: ``weak``, ``strong`` or ``simclr`` training view (see
+        ``views``).
+      crop_min_scale: smallest area fraction of the ``simclr`` view's crop.
     """
 
     def __init__(self, encoder: keras.Model, num_train: int, num_clusters: int = 128,
                  num_heads: int = 10, lam: float = 10.0, tol: float = 0.01, seed: int = 0,
                  nopts: int = 100, schedule: str = "quadratic", one_head_per_call: bool = False,
                  relabel_mode: str = "train", max_iters: int = 1000,
-                 augmentation: str = "weak", ema_decay: Optional[float] = None, **kwargs):
+                 augmentation: str = "weak", crop_min_scale: float = 0.2,
+                 ema_decay: Optional[float] = None, **kwargs):
         super().__init__(encoder, num_classes=None, ema_decay=ema_decay, **kwargs)
         for name, v in (("num_train", num_train), ("num_clusters", num_clusters),
                         ("num_heads", num_heads)):
@@ -94,8 +97,8 @@ class SeLa(SSLModel):
         if max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
         self.relabel_mode, self.max_iters = relabel_mode, max_iters
-        self.views(dict(size=8, channels=1), augmentation)  # validates augmentation
-        self.augmentation = augmentation
+        self.views(dict(size=8, channels=1), augmentation, crop_min_scale)  # validates
+        self.augmentation, self.crop_min_scale = augmentation, crop_min_scale
         self.cluster_heads = []
         for h in range(num_heads):
             head = keras.layers.Dense(num_clusters, name=f"cluster_head_{h}")
@@ -107,13 +110,31 @@ class SeLa(SSLModel):
         self.init_ema()
 
     @classmethod
-    def views(cls, opts: Dict, augmentation: str = "weak", **unused):
-        """Unlabeled ``view``: the weak view (flip/crop, default) or the strong
-        one (weak + RandAugment + Cutout). Labeled data is not used. (On the
-        8x8 digits the strong view hurt: BENCHMARKS.md.)"""
-        if augmentation not in ("weak", "strong"):
-            raise ValueError(f"augmentation must be weak or strong, got {augmentation!r}.")
-        view = augment.strong(**opts) if augmentation == "strong" else augment.weak(**opts)
+    def views(cls, opts: Dict, augmentation: str = "weak", crop_min_scale: float = 0.2,
+              **unused):
+        """Unlabeled ``view``:
+
+        - ``weak`` (default): flip + pad-and-crop;
+        - ``strong``: weak + RandAugment + Cutout (on the 8x8 digits it hurt:
+          BENCHMARKS.md);
+        - ``simclr``: the official SeLa train transform: random-resized crop of
+          area (crop_min_scale, 1), colour jitter 0.4 (hue 0.1) always,
+          grayscale p=0.2, flip (where the dataset allows it).
+
+        Labeled data is not used."""
+        if augmentation not in ("weak", "strong", "simclr"):
+            raise ValueError(
+                f"augmentation must be weak, strong or simclr, got {augmentation!r}.")
+        if not 0.0 < crop_min_scale <= 1.0:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}.")
+        if augmentation == "strong":
+            view = augment.strong(**opts)
+        elif augmentation == "simclr":
+            view = augment.simclr(opts["size"], opts["channels"], scale=(crop_min_scale, 1.0),
+                                  flip=opts.get("flip", True), strength=0.5, jitter_p=1.0,
+                                  grayscale_p=0.2, blur_p=0.0)
+        else:
+            view = augment.weak(**opts)
         return {"weak": augment.weak(**opts)}, {"view": view}
 
     @classmethod
@@ -202,7 +223,7 @@ class SeLa(SSLModel):
                 "lam": self.lam, "tol": self.tol, "seed": self.seed, "nopts": self.nopts,
                 "schedule": self.schedule, "one_head_per_call": self.one_head_per_call,
                 "relabel_mode": self.relabel_mode, "max_iters": self.max_iters,
-                "augmentation": self.augmentation}
+                "augmentation": self.augmentation, "crop_min_scale": self.crop_min_scale}
 
     @classmethod
     def from_config(cls, config):
