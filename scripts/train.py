@@ -113,10 +113,11 @@ flags.DEFINE_enum("sela_relabel_mode", "train", ["train", "eval"],
                   "SeLa: relabelling pass on augmented images in training mode (official) "
                   "or on plain images in inference mode.")
 flags.DEFINE_integer("sela_max_iters", 1000, "SeLa: Sinkhorn iteration bound.")
-flags.DEFINE_enum("sela_augmentation", "weak", ["strong", "weak", "simclr"],
-                  "SeLa: training view, weak (flip/crop), strong (+ RandAugment, Cutout) "
-                  "or simclr (the official transform: resized crop + colour jitter).")
-flags.DEFINE_float("sela_crop_min_scale", 0.2, "SeLa: smallest crop area of the simclr view.")
+flags.DEFINE_enum("sela_augmentation", "simclr", ["simclr", "weak", "strong"],
+                  "SeLa: training view, simclr (the official transform: resized crop + colour "
+                  "jitter), weak (flip/crop) or strong (weak + RandAugment, Cutout).")
+flags.DEFINE_float("sela_crop_min_scale", 0.08,
+                   "SeLa: smallest crop area of the simclr view (0.08 official ImageNet).")
 flags.DEFINE_float("simmatch_temperature", 0.1, "SimMatch: instance similarity temperature t.")
 flags.DEFINE_float("simmatch_alpha", 0.9, "SimMatch: weight of p in p_hat (aggregation 1 - alpha).")
 flags.DEFINE_float("simmatch_threshold", 0.95, "SimMatch: confidence threshold tau (0.7 ImageNet).")

@@ -129,6 +129,26 @@ def test_registered_and_config_round_trip():
     assert (m2.num_train, m2.num_clusters, m2.num_heads, m2.schedule) == (10, 3, 2, "linear")
 
 
+def test_views_default_to_the_official_crop_and_jitter():
+    opts = dict(size=8, channels=1, flip=False)
+    image = tf.constant(np.random.default_rng(0).integers(0, 255, (8, 8, 1)), tf.uint8)
+    _, views = SeLa.views(opts)  # default: simclr, crops of 0.08-1
+    a, b = views["view"](image), views["view"](image)
+    assert a.shape == (8, 8, 1) and not np.allclose(a, b)
+    assert 0.0 <= float(tf.reduce_min(a)) and float(tf.reduce_max(a)) <= 1.0
+    # weak: pad-and-crop only, so its pixels are the image's own values
+    _, weak = SeLa.views(opts, augmentation="weak")
+    values = image.numpy().ravel() / 255.0
+    pixels = weak["view"](image).numpy().ravel()
+    assert np.abs(pixels[:, None] - values[None, :]).min(axis=1).max() < 1e-6
+    with pytest.raises(ValueError, match="simclr"):
+        SeLa.views(opts, augmentation="randaugment")
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        SeLa(_encoder(), num_train=10, num_clusters=3, num_heads=1, crop_min_scale=0.0)
+    m = SeLa(_encoder(), num_train=10, num_clusters=3, num_heads=1, crop_min_scale=0.3)
+    assert SeLa.from_config(m.get_config()).crop_min_scale == 0.3
+
+
 def test_relabel_pass_is_distributed_and_gathered_by_index():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, [40, 8, 8, 1]).astype("float32")
