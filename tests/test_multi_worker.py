@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tfssl import distribute, testing
@@ -28,6 +29,36 @@ def test_keras_behaviour_the_base_model_works_around_is_unchanged():
             getattr(trainer.TensorFlowTrainer, name))
     reduce = inspect.getsource(trainer.reduce_per_replica)
     assert 'strategy.reduce("MEAN", v, axis=0)' in reduce
+
+
+def test_packed_logs_unpack_to_the_same_logs(monkeypatch):
+    # The multi-worker path of SSLModel._make_function (one packed tensor for
+    # all scalar logs) run in one process: batch and epoch logs have the same
+    # names, order and values as without packing.
+    import keras
+
+    def run(packed):
+        if packed:
+            monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy=None: True)
+        build, dataset = testing._load_case(f"{CASES}:supervised")()
+        keras.utils.set_random_seed(0)
+        model = build()
+        seen = []
+        record = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda b, logs: seen.append(dict(logs)))
+        history = model.fit(dataset, epochs=2, steps_per_epoch=3, verbose=0, callbacks=[record])
+        monkeypatch.undo()
+        return seen, history.history
+
+    plain_batches, plain = run(False)
+    packed_batches, packed = run(True)
+    assert list(packed) == list(plain) and len(packed_batches) == len(plain_batches) == 6
+    for a, b in zip(packed_batches, plain_batches):
+        assert list(a) == list(b)
+        np.testing.assert_allclose([float(v) for v in a.values()],
+                                   [float(v) for v in b.values()], rtol=1e-6)
+    for k in plain:
+        np.testing.assert_allclose(packed[k], plain[k], rtol=1e-6)
 
 
 # Tolerances: PAWS's tau = 0.1 and T = 0.25 amplify float differences (see
