@@ -26,12 +26,8 @@ the official float64 code):
   into a float32 kernel ``Kt_ik = exp(lambda log p_ik + log c_i + log r_k)``,
   which is already close to the transport plan, so no relevant entry
   underflows however large lambda is. Later iterations are two matrix-vector
-  products on Kt (``r~ = (1/K) / Kt^T c~``, ``c~ = (1/N) / Kt r~``), fused
-  into one pass over Kt: block by block, ``Kt_b r~`` gives the block's new
-  c~ and, while the block is still in cache, ``Kt_b^T c~`` adds its share of
-  the next iteration's column sums. Memory bound, reading the float32 matrix
-  once per iteration (the official float64 loop reads a twice larger matrix
-  twice). The log-domain warm-up runs
+  products on Kt (``r~ = (1/K) / Kt^T c~``, ``c~ = (1/N) / Kt r~``):
+  memory bound, at the machine's copy bandwidth. The log-domain warm-up runs
   until the cluster scalings move by less than e^1 per iteration. When a
   scaling drifts past exp(+-20) the kernel is rebuilt from the input with the
   new scalings (one exp pass), so entries that had underflowed come back; if
@@ -256,55 +252,19 @@ def write_rows(var: tf.Variable, start: int, value) -> None:
         strides=[1, 1], value=value)
 
 
-# Rows per block of the fused iteration (a multiple of 16, so every block
-# starts 64-byte aligned and slicing it copies nothing): a block of about
-# _BLOCK_BYTES is read from memory once and reused from the cache; at most
-# _MAX_BLOCKS blocks keep the unrolled graph small.
-_BLOCK_BYTES = 4 << 20
-_MAX_BLOCKS = 1024
-
-
-def _block_rows(n: int, k: int) -> int:
-    rows = max(_BLOCK_BYTES // (4 * k), -(-n // _MAX_BLOCKS))
-    return max(16, -(-rows // 16) * 16)
-
-
 @tf.function(reduce_retracing=True)
-def _column_sums(kern, c):
-    """``Kt^T c~``: float32 [K]."""
-    return tf.linalg.matvec(kern, c, transpose_a=True)
-
-
-@tf.function(reduce_retracing=True)
-def _fused_step(kern, s, c, n, k, block: int):
-    """One iteration on the absorbed kernel in ONE pass over it.
-
-    With ``s = Kt^T c~`` (the column sums of the previous iterate):
-    ``r~ = (1/K) / s``; then for each block of rows b,
-    ``c~'_b = (1/N) / (Kt_b r~)`` and ``s' += Kt_b^T c~'_b``. Both products of
-    a block read it while it is in cache, so the matrix leaves memory once
-    per iteration instead of twice; the iterates are those of the two-pass
-    loop. (Eigen/oneDNN gemv run at memory bandwidth; XLA's reductions
-    reached a third of it here.)
-
-    Returns r~, c~', s' and the scalars the driver needs in one tensor:
-    [all finite, max |log scaling|, error sum |c~ / c~' - 1|].
-    """
-    x = tf.convert_to_tensor(kern)
-    rows = x.shape[0]
-    r = (1.0 / k) / s
-    parts, s_new = [], tf.zeros_like(s)
-    for start in range(0, rows, block):
-        b = x[start:start + block]
-        cb = (1.0 / n) / tf.linalg.matvec(b, r)
-        s_new = s_new + tf.linalg.matvec(b, cb, transpose_a=True)
-        parts.append(cb)
-    c_new = tf.concat(parts, 0)
+def _scaled_step(kern, c, n, k):
+    """One iteration on the absorbed kernel: two matvecs (Eigen/oneDNN gemv run
+    at memory bandwidth; XLA's reductions reached a third of it here), and the
+    scalars the driver needs in one tensor: [all finite, max |log scaling|,
+    error sum |c~ / c~' - 1|]."""
+    r = (1.0 / k) / tf.linalg.matvec(kern, c, transpose_a=True)
+    c_new = (1.0 / n) / tf.linalg.matvec(kern, r)
     finite = tf.reduce_all(tf.math.is_finite(r)) & tf.reduce_all(tf.math.is_finite(c_new))
     drift = tf.maximum(tf.reduce_max(tf.abs(tf.math.log(c_new))),
                        tf.reduce_max(tf.abs(tf.math.log(r))))
     err = tf.reduce_sum(tf.abs(c / c_new - 1.0))
-    return r, c_new, s_new, tf.stack([tf.cast(finite, tf.float32), drift, err])
+    return r, c_new, tf.stack([tf.cast(finite, tf.float32), drift, err])
 
 
 def _rows(src, start, end):
@@ -366,10 +326,8 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
     _build_kernel(kern, src, alpha, beta, lam, chunk)
     c = tf.ones([n])
     r = tf.ones([k])
-    block = _block_rows(n, k)
-    s = _column_sums(kern, c)
     while err > tol and it < max_iters:
-        r, c_new, s, status = _fused_step(kern, s, c, n, k, block)
+        r, c_new, status = _scaled_step(kern, c, n, k)
         finite, drift, step_err = (float(x) for x in status.numpy())
         if not finite:
             if in_place:
@@ -392,7 +350,6 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
             else:  # rebuild from the input: entries that underflowed come back
                 _build_kernel(kern, src, alpha, beta, lam, chunk)
             c, r = tf.ones([n]), tf.ones([k])
-            s = _column_sums(kern, c)
     labels, cost = [], 0.0
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
