@@ -72,6 +72,8 @@ flags.DEFINE_integer("warmup", 3, "throughput: untimed warm-up steps.")
 flags.DEFINE_string("method", "supervised", "Method to train.")
 flags.DEFINE_string("flagfile_to_run", "flags/digits.cfg", "Flagfile for train.py.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one run each.")
+flags.DEFINE_boolean("parallel_seeds", False,
+                     "accuracy: run the seeds at the same time (img/s is then shared).")
 flags.DEFINE_string("workroot", "runs/benchmark", "Where the runs' workdirs go.")
 flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file the rows are appended to.")
 flags.DEFINE_string("note", "", "Free text for the row (e.g. what the goal is).")
@@ -123,14 +125,19 @@ def _commit():
 
 
 def accuracy(extra):
-    summaries = []
+    summaries, runs = [], []
     for seed in F.seeds:
         workdir = os.path.join(F.workroot, f"{F.method}_{os.path.basename(F.flagfile_to_run)}_s{seed}")
         cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
                f"--flagfile={F.flagfile_to_run}", f"--method={F.method}", f"--seed={seed}",
                f"--workdir={workdir}", "--export_dir=", *extra]
         print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        runs.append((workdir, subprocess.Popen(cmd, cwd=ROOT)))
+        if not F.parallel_seeds:
+            runs[-1][1].wait()
+    for workdir, proc in runs:
+        if proc.wait():
+            raise SystemExit(f"the run in {workdir} failed (exit {proc.returncode})")
         with open(os.path.join(workdir, "summary.json")) as f:
             summaries.append(json.load(f))
     metrics = sorted(summaries[0]["metrics"])
