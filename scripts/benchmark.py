@@ -82,6 +82,8 @@ flags.DEFINE_string("result_json", "", "throughput: write the result here instea
 flags.DEFINE_integer("num_workers", 2, "multi_worker: worker processes.")
 flags.DEFINE_integer("threads", 2, "multi_worker: CPU threads in all (split over the workers).")
 flags.DEFINE_integer("digits_epochs", 5, "multi_worker: epochs of the digits run.")
+flags.DEFINE_list("digits_args", [], "multi_worker: extra train.py flags of the digits run "
+                  "(e.g. --sela_nopts=5).")
 F = flags.FLAGS
 
 HEADER = ("| date | commit | method | flagfile | extra flags | seeds | metric | mean | min | max "
@@ -374,7 +376,8 @@ def multi_worker_bench():
             f"({many['allreduce_s'] / many['step_s']:.0%}) | {F.note or '-'} |\n"]
     # The digits run: scripts/train.py end to end (input pipeline included).
     flags_run = [f"--flagfile={os.path.join(ROOT, F.flagfile_to_run)}", f"--method={F.method}",
-                 f"--epochs={F.digits_epochs}", "--eval_every=1000", "--export_dir=", "--verbose=0"]
+                 f"--epochs={F.digits_epochs}", "--eval_every=1000", "--export_dir=", "--verbose=0",
+                 *F.digits_args]
     train = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
     subprocess.run(train + flags_run + [f"--workdir={out}/one"], check=True, env=env1, cwd=ROOT)
     rc = launch.launch(F.num_workers, train + flags_run + [f"--workdir={out}/many",
@@ -387,7 +390,8 @@ def multi_worker_bench():
     steps = a["global_steps"]
     rows.append(
         f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.flagfile_to_run}, "
-        f"{F.digits_epochs} epochs, scripts/train.py | 1 ({F.threads}) | {F.num_workers} ({per}) | "
+        f"{F.digits_epochs} epochs{' ' + ' '.join(F.digits_args) if F.digits_args else ''}, "
+        f"scripts/train.py | 1 ({F.threads}) | {F.num_workers} ({per}) | "
         f"{a['train_seconds'] / steps:.3f} s / {a['images_per_second']:.0f} | "
         f"{b['train_seconds'] / steps:.3f} s / {b['images_per_second']:.0f} | "
         f"{b['images_per_second'] / a['images_per_second']:.2f} | - | {F.note or '-'} |\n")

@@ -38,13 +38,22 @@ def sela():
     workers and gathered by index, then Sinkhorn runs on the whole dataset."""
     from tfssl.methods.sela import Relabel
 
-    x, _ = _images(48, seed=1)
-    idx = np.arange(48)
-    data = tf.data.Dataset.from_tensor_slices({"unlabeled": {"view": x, "index": idx}}).batch(8)
-    feats = tf.data.Dataset.from_tensor_slices({"image": x, "index": idx}).batch(16)
+    x, _ = _images(49, seed=1)
+    idx = np.arange(49)
+    data = tf.data.Dataset.from_tensor_slices(
+        {"unlabeled": {"view": x[:48], "index": idx[:48]}}).batch(8)
+
+    def feats(input_context=None):
+        # Per worker, its share of the 49 images (25 and 24: the last step
+        # has an image on one worker only), batched per replica.
+        d, bs = tf.data.Dataset.from_tensor_slices({"image": x, "index": idx}), 16
+        if input_context is not None:
+            d = d.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+            bs = input_context.get_per_replica_batch_size(bs)
+        return d.batch(bs)
 
     def build():
-        m = methods.SeLa(_encoder(), num_train=48, num_clusters=4, num_heads=2)
+        m = methods.SeLa(_encoder(), num_train=49, num_clusters=4, num_heads=2)
         m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         return m
 

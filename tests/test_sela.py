@@ -149,6 +149,27 @@ def test_views_default_to_the_official_crop_and_jitter():
     assert SeLa.from_config(m.get_config()).crop_min_scale == 0.3
 
 
+def test_relabel_pass_has_full_batches_padded_with_images_marked_minus_one():
+    from tfssl import data
+
+    source = data.digits()
+    m = SeLa(_encoder(), num_train=source.num_train, num_clusters=3, num_heads=1)
+    _, views = SeLa.views(dict(size=8, channels=1, flip=False))
+    ctx = dict(source=source, unlabeled_views=views, epochs=1, unlabeled_batch_size=64)
+    relabel = m.training_callbacks(ctx)[0]
+    for input_context in (None, tf.distribute.InputContext(2, 1, 2)):
+        batches = list(relabel.data(input_context))
+        size = 256 if input_context is None else 128
+        assert all(b["index"].shape[0] == size for b in batches)
+        idx = np.concatenate([b["index"].numpy() for b in batches])
+        real = idx[idx >= 0]
+        if input_context is None:
+            np.testing.assert_array_equal(np.sort(real), np.arange(source.num_train))
+            assert len(idx) % 256 == 0 and len(idx) - len(real) < 256
+        else:  # worker 1's half of the padded pass
+            assert len(idx) * 2 == len(list(relabel.data(None))) * 256
+
+
 def test_relabel_pass_is_distributed_and_gathered_by_index():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, [40, 8, 8, 1]).astype("float32")

@@ -152,12 +152,29 @@ class SeLa(SSLModel):
         ds = source.train()
         if source.extra_unlabeled() is not None:
             ds = ds.concatenate(source.extra_unlabeled())
-        if self.relabel_mode == "train":  # the training view, as the official pass
-            view = ctx["unlabeled_views"]["view"]
-            feats = ds.map(lambda e: {"image": view(e["image"]), "index": e["index"]},
-                           num_parallel_calls=tf.data.AUTOTUNE).batch(256).prefetch(2)
-        else:
-            feats = data.evaluation(ds, source.image_shape[0], 256)
+        view = ctx["unlabeled_views"]["view"]
+        train_mode = self.relabel_mode == "train"
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        global_bs = max(replicas, 256 // replicas * replicas)
+        # Full batches only: the pass is padded with repeated images (index -1,
+        # dropped), so every replica's last batch is full and real (BN in
+        # training mode sees ordinary statistics; collectives equal shapes).
+        pad = (-self.num_train) % global_bs
+        ds = ds.concatenate(ds.repeat().take(pad).map(
+            lambda e: {**e, "index": tf.fill(tf.shape(e["index"]), tf.constant(-1, e["index"].dtype))}))
+
+        def feats(input_context=None):
+            """The pass's batches; with an input context, this worker's share
+            of the images (split before any augmentation), batched per replica."""
+            d, bs = ds, global_bs
+            if input_context is not None:
+                d = d.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+                bs = input_context.get_per_replica_batch_size(bs)
+            if train_mode:  # the training view, as the official pass
+                return d.map(lambda e: {"image": view(e["image"]), "index": e["index"]},
+                             num_parallel_calls=tf.data.AUTOTUNE).batch(bs).prefetch(2)
+            return data.evaluation(d, source.image_shape[0], bs)
+
         times = relabel_times(ctx["epochs"], self.num_train, self.nopts, self.schedule)
         return [Relabel(feats, times, ctx["unlabeled_batch_size"], self.one_head_per_call),
                 ClusterMetrics(source.train_labels)]
@@ -243,9 +260,15 @@ class Relabel(keras.callbacks.Callback):
     after the last checkpoint are redone, those before are in the restored
     label table). ``one_head_per_call``: head j of a call is ``call % hc``
     (CIFAR schedule); otherwise all heads each time (ImageNet schedule).
+
+    ``features_dataset``: batches ``{"image", "index"}`` over the whole
+    dataset, or a function ``input_context -> dataset`` (``None`` for one
+    process) that, beyond one host, builds only that worker's share, so that
+    no worker augments the images another one embeds (the pass is gathered by
+    index, so the split may be any one).
     """
 
-    def __init__(self, features_dataset: tf.data.Dataset, times, global_batch: int,
+    def __init__(self, features_dataset, times, global_batch: int,
                  one_head_per_call: bool = False, verbose: bool = True):
         super().__init__()
         self.data, self.times = features_dataset, sorted(times)
@@ -263,26 +286,46 @@ class Relabel(keras.callbacks.Callback):
     def _features(self):
         """One pass over the dataset: backbone features [N, D] by index. Under a
         strategy each replica embeds its part of every batch and the features
-        and indices are gathered from all replicas."""
+        and indices are gathered from all replicas.
+
+        Rows with index -1 are padding and are dropped. ``SeLa``'s own pass
+        (``training_callbacks``) has full batches only. For a dataset whose
+        last batches are uneven across replicas (or empty on some), every
+        replica's batch is zero-padded to the first batch's size, since
+        collectives (SyncBN, the gather) need the same shapes everywhere; in
+        training mode those zero rows enter the last batch's statistics."""
         model = self.model
         strategy = model.distribute_strategy
         training = getattr(model, "relabel_mode", "eval") == "train"
         enc = model.encoder
 
         @tf.function(reduce_retracing=True)
-        def embed(batch):
+        def embed(batch, rows):
             def fn(b):
-                return tf.cast(enc(b["image"], training=training), tf.float32), b["index"]
+                x, i = b["image"], b["index"]
+                pad = rows - tf.shape(x)[0]
+                x = tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1))
+                i = tf.pad(i, [[0, pad]], constant_values=-1)
+                return tf.cast(enc(x, training=training), tf.float32), i
             f, i = strategy.run(fn, (batch,))
             return strategy.gather(f, axis=0), strategy.gather(i, axis=0)
 
+        if callable(self.data) and distribute.is_multi_worker(strategy):
+            batches = strategy.distribute_datasets_from_function(self.data)
+        else:
+            ds = self.data() if callable(self.data) else self.data
+            batches = strategy.experimental_distribute_dataset(distribute.shard_by_data(ds))
         feats = np.zeros([model.num_train, model.feature_dim], np.float32)
         seen = np.zeros([model.num_train], bool)
-        for batch in strategy.experimental_distribute_dataset(distribute.shard_by_data(self.data)):
-            f, i = embed(batch)
+        rows = None
+        for batch in batches:
+            if rows is None:  # the (full) first batch's per-replica size
+                rows = int(strategy.experimental_local_results(batch["index"])[0].shape[0])
+            f, i = embed(batch, rows)
             i = i.numpy()
-            feats[i] = f.numpy()
-            seen[i] = True
+            keep = i >= 0
+            feats[i[keep]] = f.numpy()[keep]
+            seen[i[keep]] = True
         if not seen.all():
             raise ValueError(f"the relabelling pass saw {seen.sum()} of {len(seen)} images.")
         return feats
