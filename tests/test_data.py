@@ -184,7 +184,10 @@ def test_worker_slices_rebuild_the_global_batches(digits, workers, replicas_per_
         parts = []
         for w in range(workers):
             ctx = tf.distribute.InputContext(workers, w, replicas)
-            parts.append([b for b in stream(ctx, sup).take(3 * replicas_per_worker)])
+            part = stream(ctx, sup)
+            # infinite, as the whole stream (else tf.distribute syncs every step)
+            assert part.cardinality() == tf.data.INFINITE_CARDINALITY
+            parts.append([b for b in part.take(3 * replicas_per_worker)])
         for g in range(3):
             for key, rows in (("labeled", 16), ("unlabeled", 8)):
                 got = np.concatenate([parts[w][g * replicas_per_worker + r][key]["index"]

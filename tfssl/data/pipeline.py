@@ -117,7 +117,7 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
                           min(shuffle_buffer, n_l), cache=cache_labeled,
                           deterministic=deterministic, input_context=input_context)
     if not unlabeled_batch_size:
-        return tf.data.Dataset.zip({"labeled": labeled}).prefetch(AUTOTUNE)
+        return _infinite(tf.data.Dataset.zip({"labeled": labeled})).prefetch(AUTOTUNE)
     if include_labeled_in_unlabeled:
         unl = source.train()
         n_u = source.num_train
@@ -132,7 +132,16 @@ def semi_supervised(source: Source, labeled_ids: np.ndarray,
     unlabeled = _stream(unl, unlabeled_views, unlabeled_batch_size, seed + 1,
                         min(shuffle_buffer, n_u), cache=small, deterministic=deterministic,
                         input_context=input_context)
-    return tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled}).prefetch(AUTOTUNE)
+    return _infinite(tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled})
+                     ).prefetch(AUTOTUNE)
+
+
+def _infinite(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """The streams repeat forever, but a worker's slice (a filter) makes the
+    cardinality unknown, and with an unknown cardinality tf.distribute agrees
+    across workers on whether each next batch exists: one more collective per
+    step (measured: digits steps 26 -> 39 ms on 2 local workers)."""
+    return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
 
 def evaluation(ds: tf.data.Dataset, size: int, batch_size: int = 256,
