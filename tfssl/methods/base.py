@@ -88,10 +88,10 @@ class SSLModel(keras.Model):
         # its own strategy.reduce("MEAN", v, axis=0). For the scalars every
         # step returns that fails ("Invalid reduction dimension 0"), and it
         # would cost one cross-worker collective per log and step. Under
-        # multi-worker the step's scalar logs (tracker results, already the
-        # same on every worker) are packed into one [1, n] tensor, reduced
-        # once (the mean over axis 0 is the values themselves) and unpacked
-        # into the usual dict before callbacks see them. Only multi-worker
+        # multi-worker the step's scalar logs (tracker results) are packed
+        # into one [1, n] tensor, reduced once (the mean over the workers, as
+        # Keras does for each log) and unpacked into the usual dict before
+        # callbacks see them. Only multi-worker
         # runs are touched; tests/test_multi_worker.py fails if a Keras
         # upgrade changes this behaviour.
         if not distribute.is_multi_worker(self.distribute_strategy):

@@ -161,7 +161,7 @@ class SeLa(SSLModel):
         # training mode sees ordinary statistics; collectives equal shapes).
         pad = (-self.num_train) % global_bs
         ds = ds.concatenate(ds.repeat().take(pad).map(
-            lambda e: {**e, "index": tf.fill(tf.shape(e["index"]), tf.constant(-1, e["index"].dtype))}))
+            lambda e: {**e, "index": -tf.ones_like(e["index"])}))
 
         def feats(input_context=None):
             """The pass's batches; with an input context, this worker's share
