@@ -435,7 +435,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                  *model.training_callbacks(ctx),
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
                                                   double_checkpoint=True),
-                 *([_SameResumePoint()] if distribute.is_multi_worker(strategy) else []),
+                 *([_SameResumePoint()] if multi_worker else []),
                  keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]
@@ -451,7 +451,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                             validation_freq=cfg.eval_every, callbacks=callbacks, verbose=verbose)
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
             tf.errors.DeadlineExceededError) as e:
-        if not distribute.is_multi_worker(strategy):
+        if not multi_worker:
             raise
         keys = ("abort", "reset", "unavailable", "fail", "timed out", "heartbeat", "deadline")
         first = next((line.strip() for line in str(e.message or "").splitlines()

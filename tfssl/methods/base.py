@@ -91,9 +91,9 @@ class SSLModel(keras.Model):
         # multi-worker the step's scalar logs (tracker results) are packed
         # into one [1, n] tensor, reduced once (the mean over the workers, as
         # Keras does for each log) and unpacked into the usual dict before
-        # callbacks see them. Only multi-worker
-        # runs are touched; tests/test_multi_worker.py fails if a Keras
-        # upgrade changes this behaviour.
+        # callbacks see them. Only multi-worker runs are touched;
+        # tests/test_multi_worker.py fails if a Keras upgrade changes this
+        # behaviour.
         if not distribute.is_multi_worker(self.distribute_strategy):
             return super()._make_function(step_function)
         keys = {}  # names of the logs in the order the step returns them (set at trace)
