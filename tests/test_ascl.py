@@ -145,3 +145,21 @@ def test_registered_and_config_round_trip():
     assert MoCo(_encoder(), queue_size=16, proj_dims=(16, 8)).kind == "moco"
     with pytest.raises(ValueError, match="kind must be one of"):
         ASCL(_encoder(), kind="soft")
+
+
+def test_key_view_is_weak_by_default_and_strong_on_request():
+    opts = dict(size=8, channels=1, flip=False, pad=1)
+    image = tf.constant(np.random.default_rng(0).integers(0, 255, (8, 8, 1)), tf.uint8)
+    values = image.numpy().ravel() / 255.0
+
+    def own_pixels(x):  # every pixel is one of the image's own values (crop only)
+        return np.abs(x.numpy().ravel()[:, None] - values[None, :]).min(axis=1).max() < 1e-6
+
+    _, views = ASCL.views(opts)
+    assert own_pixels(views["key"](image)) and not own_pixels(views["query"](image))
+    _, views = ASCL.views(opts, key_view="strong")
+    keys = [views["key"](image) for _ in range(4)]
+    assert not all(own_pixels(k) for k in keys)  # resized and jittered like the query
+    assert not np.allclose(keys[0], keys[1])
+    with pytest.raises(ValueError, match="key_view"):
+        ASCL.views(opts, key_view="medium")

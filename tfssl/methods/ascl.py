@@ -88,20 +88,27 @@ class ASCL(SSLModel):
 
     # ------------------------------------------------------------- plumbing
     @classmethod
-    def views(cls, opts: Dict, crop_min_scale: float = 0.2, **unused):
+    def views(cls, opts: Dict, crop_min_scale: float = 0.2, key_view: str = "weak", **unused):
         """Unlabeled ``query`` (strong: random-resized crop (crop_min_scale=0.2, 1),
         flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5)
-        and ``key`` (weak: crop + flip). The labeled stream is not used: ASCL is
+        and ``key``: weak (crop + flip; the official choice) or, with
+        ``key_view="strong"``, a second independent draw of the query's recipe
+        (MoCo v2's symmetric views). The labeled stream is not used: ASCL is
         self-supervised."""
         if not 0 < crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}.")
-        query = augment.simclr(opts["size"], opts["channels"], scale=(crop_min_scale, 1.0),
-                               flip=opts.get("flip", True), strength=0.5)
-        return {"weak": augment.weak(**opts)}, {"query": query, "key": augment.weak(**opts)}
+        if key_view not in ("weak", "strong"):
+            raise ValueError(f"key_view must be 'weak' or 'strong', got {key_view!r}.")
+
+        def strong():
+            return augment.simclr(opts["size"], opts["channels"], scale=(crop_min_scale, 1.0),
+                                  flip=opts.get("flip", True), strength=0.5)
+        key = strong() if key_view == "strong" else augment.weak(**opts)
+        return {"weak": augment.weak(**opts)}, {"query": strong(), "key": key}
 
     @classmethod
-    def from_args(cls, encoder, source, crop_min_scale=None, **kwargs):
-        """``crop_min_scale`` only shapes the views (see ``views``)."""
+    def from_args(cls, encoder, source, crop_min_scale=None, key_view=None, **kwargs):
+        """``crop_min_scale`` and ``key_view`` only shape the views (see ``views``)."""
         if "proj_dims" in kwargs:
             kwargs["proj_dims"] = tuple(int(d) for d in kwargs["proj_dims"])
         return cls(encoder=encoder, **kwargs)
