@@ -1,5 +1,6 @@
 """Backbones and heads: output shapes and sizes."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,7 +30,7 @@ def test_wide_resnet_28_2_has_about_1_5m_parameters():
     n = sum(int(np.prod(v.shape)) for v in net.trainable_variables)
     assert 1.4e6 < n < 1.55e6
     assert any(l.__class__.__name__ == "LeakyReLU" for l in net.layers)
-    bns = [l for l in net.layers if l.__class__.__name__ == "BatchNormalization"]
+    bns = [l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert bns and all(b.momentum == 0.999 for b in bns)
 
 
@@ -73,3 +74,42 @@ def test_wrn_shortcuts_as_official_mixmatch():
         down = m.get_layer(f"stage{stage}_block0_down")
         source = down._inbound_nodes[0].parent_nodes[0].operation.name
         assert source.startswith(want), (stage, source)
+
+
+def test_fused_batch_norm_matches_keras_batch_norm():
+    """Forward (training and inference), gradients and moving statistics equal
+    Keras's BatchNormalization; non-4-D inputs take the Keras path."""
+    import keras
+
+    from tfssl.models.backbones import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(2.0, 3.0, (6, 4, 5, 3)).astype("float32"))
+    fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-3)
+    plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    for layer in (fused, plain):
+        layer.build(x.shape)
+        layer.set_weights([np.array([1.5, 0.5, 2.0], "float32"), np.array([0.1, -0.2, 0.3], "float32"),
+                           np.zeros(3, "float32"), np.ones(3, "float32")])
+    w = tf.constant(rng.normal(size=x.shape).astype("float32"))
+    outs, grads = [], []
+    for layer in (fused, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(w * y)
+        outs.append(y.numpy())
+        grads.append([g.numpy() for g in tape.gradient(loss, [x, layer.gamma, layer.beta])])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    flat = x.numpy().reshape(-1, 3)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), 0.9 + 0.1 * flat.var(0), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), plain.moving_variance.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-5)
+    v = tf.constant(rng.normal(size=(6, 3)).astype("float32"))  # 2-D: the Keras path
+    np.testing.assert_allclose(FusedBatchNormalization()(v, training=True),
+                               keras.layers.BatchNormalization()(v, training=True), atol=1e-5)
+    assert isinstance(models.get_backbone("small_cnn", (8, 8, 1)).get_layer("bn0"),
+                      FusedBatchNormalization)
