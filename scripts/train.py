@@ -77,6 +77,9 @@ flags.DEFINE_integer("knn_k", d.knn_k, "kNN monitor neighbours.")
 flags.DEFINE_float("knn_t", d.knn_t, "kNN monitor temperature.")
 flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate every N epochs.")
 flags.DEFINE_string("export_dir", d.export_dir, "Export root ('' to skip export).")
+flags.DEFINE_list("profile_batches", [],
+                  "Trace batches first,last of the first epoch with the TensorFlow profiler "
+                  "(TensorBoard's Profile tab, <workdir>/tensorboard/train).")
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
                   "Keras verbosity: 1 progress bar, 2 one line per epoch, auto: 1 on a terminal.")
 
@@ -210,6 +213,10 @@ def config_from_flags() -> TrainConfig:
     kwargs = {name: getattr(F, name) for name in fields}
     kwargs["export_dir"] = F.export_dir or None
     kwargs["verbose"] = F.verbose if F.verbose == "auto" else int(F.verbose)
+    try:
+        kwargs["profile_batches"] = tuple(int(b) for b in F.profile_batches)
+    except ValueError:
+        sys.exit(f"error: --profile_batches takes two integers, got {','.join(F.profile_batches)}.")
     if F["label_fraction"].present and not F["labels_per_class"].present:
         kwargs["labels_per_class"] = None
     method_args = {a: getattr(F, f"{F.method}_{a}") for a in METHOD_FLAGS.get(F.method, [])}

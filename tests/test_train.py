@@ -31,6 +31,8 @@ def _cfg(tmp_path, **kw):
     (dict(dataset="folder"), "--dataset=folder needs --data_dir"),
     (dict(optimizer="rmsprop"), "--optimizer='rmsprop' is not one of"),
     (dict(dataset="imagenet2012", download=True), "--manual_dir"),
+    (dict(profile_batches=(3,)), "--profile_batches takes two batch numbers"),
+    (dict(profile_batches=(3, 2)), "--profile_batches takes two batch numbers"),
 ])
 def test_bad_flags_fail_in_validation(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -52,8 +54,11 @@ def test_bad_data_fails_before_training(tmp_path):
 
 
 def test_run_writes_summary_labeled_ids_and_exports(tmp_path):
-    summary = run(_cfg(tmp_path, labels_per_class=3))
+    summary = run(_cfg(tmp_path, labels_per_class=3, profile_batches=(2, 3)))
     on_disk = json.load(open(tmp_path / "run" / "summary.json"))
+    import glob
+    assert glob.glob(str(tmp_path / "run" / "tensorboard" / "train" / "plugins" / "profile" /
+                         "*" / "*.xplane.pb"))  # --profile_batches traced batches 2-3
     for key in ("method", "dataset", "num_labeled", "epochs_completed", "global_steps",
                 "metrics", "train_seconds", "images_per_second", "export", "flags"):
         assert key in on_disk, key

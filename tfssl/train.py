@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -76,6 +76,7 @@ class TrainConfig:
     eval_every: int = 1
     export_dir: Optional[str] = "saved_models"
     verbose: Any = "auto"  # 1 progress bar, 2 a line per epoch; auto: 1 on a terminal
+    profile_batches: Sequence[int] = ()  # (first, last) batch of the first epoch to trace
     method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
@@ -98,6 +99,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_every", "knn_k"):
             if getattr(self, name) is None or getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        pb = tuple(self.profile_batches or ())
+        if pb and (len(pb) != 2 or not 1 <= int(pb[0]) <= int(pb[1])):
+            raise ConfigError(f"--profile_batches takes two batch numbers first,last with "
+                              f"1 <= first <= last, got {','.join(map(str, pb))}.")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"--steps_per_epoch must be positive, got {self.steps_per_epoch}.")
         if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 0:
@@ -436,7 +441,9 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
                                                   double_checkpoint=True),
                  *([_SameResumePoint()] if multi_worker else []),
-                 keras.callbacks.TensorBoard(os.path.join(cfg.workdir, "tensorboard")),
+                 keras.callbacks.TensorBoard(
+                     os.path.join(cfg.workdir, "tensorboard"),
+                     profile_batch=tuple(int(b) for b in cfg.profile_batches) or 0),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]
     verbose = cfg.verbose
