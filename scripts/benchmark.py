@@ -379,18 +379,25 @@ def multi_worker_bench():
                  f"--epochs={F.digits_epochs}", "--eval_every=1000", "--export_dir=", "--verbose=0",
                  *F.digits_args]
     train = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
-    subprocess.run(train + flags_run + [f"--workdir={out}/one"], check=True, env=env1, cwd=ROOT)
+    profile = f"--profile_batches={PROFILED[0]},{PROFILED[1]}"
+    subprocess.run(train + flags_run + [f"--workdir={out}/one", profile], check=True, env=env1,
+                   cwd=ROOT)
     rc = launch.launch(F.num_workers, train + flags_run + [f"--workdir={out}/many",
-                                                           "--strategy=multi_worker",
-                                                           f"--profile_batches={PROFILED[0]},"
-                                                           f"{PROFILED[1]}"],
+                                                           "--strategy=multi_worker", profile],
                        os.path.join(out, "logs2"), threads_per_worker=per, stream_chief=False)
     if rc:
         raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs2")
     a = json.load(open(f"{out}/one/summary.json"))
     b = json.load(open(f"{out}/many/summary.json"))
     steps = a["global_steps"]
-    prof = _profile_shares(f"{out}/many/tensorboard", PROFILED[1] - PROFILED[0] + 1)
+    n_prof = PROFILED[1] - PROFILED[0] + 1
+    one_ms, _, _ = _profile(f"{out}/one/tensorboard", n_prof)
+    many_ms, coll_ms, ops_ms = _profile(f"{out}/many/tensorboard", n_prof)
+    # The same global batch per step: the steady-state throughput ratio is one_ms / many_ms.
+    prof = "-" if many_ms is None or one_ms is None else (
+        f"collectives {coll_ms:.1f} ms of {many_ms:.1f} ms ({coll_ms / many_ms:.0%}), other ops "
+        f"{ops_ms:.1f} ms; 1 process {one_ms:.1f} ms: steady-state ratio "
+        f"{one_ms / many_ms:.2f} (profiled)")
     rows.append(
         f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.flagfile_to_run}, "
         f"{F.digits_epochs} epochs{' ' + ' '.join(F.digits_args) if F.digits_args else ''}, "
@@ -408,21 +415,21 @@ def multi_worker_bench():
 PROFILED = (5, 10)  # batches of the first digits epoch traced on the chief (multi_worker)
 
 
-def _profile_shares(logdir, steps):
-    """From the chief's TensorFlow profile of ``steps`` training steps: the
-    wall time per step, and the time per step inside cross-worker collective
-    ops (CollectiveReduceV2 / GatherV2 / ...: the gradient all-reduce and the
-    logs' reduction). A collective's time runs from its start to its
-    completion, so it includes waiting for the slower worker. Also the time
-    per step in the other TensorFlow ops (compute). Returns the table cell,
-    e.g. ``"collectives 9.1 ms of 24.8 ms (37%), other ops 13.0 ms; profiled"``."""
+def _profile(logdir, steps):
+    """From a run's (the chief's) TensorFlow profile of ``steps`` training
+    steps: (wall ms per step, ms per step inside cross-worker collective ops,
+    ms per step in the other TensorFlow ops), or Nones without a profile.
+    Collectives are CollectiveReduceV2 / GatherV2 / ...: the gradient
+    all-reduce and the logs' reduction; a collective's time runs from its
+    start to its completion, so it includes waiting for the slower worker.
+    The other ops' time is thread time (ops may overlap)."""
     import glob
 
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
-        return "-"
+        return None, None, None
     space = xplane_pb2.XSpace()
     with open(paths[-1], "rb") as f:
         space.ParseFromString(f.read())
@@ -442,10 +449,8 @@ def _profile_shares(logdir, steps):
                       and "::" not in name and "Collective" not in name):  # "op:OpType"
                     ops += ev.duration_ps
     if start is None:
-        return "-"
-    step_ms, coll_ms = (end - start) / 1e9 / steps, collective / 1e9 / steps
-    return (f"collectives {coll_ms:.1f} ms of {step_ms:.1f} ms ({coll_ms / step_ms:.0%}), "
-            f"other ops {ops / 1e9 / steps:.1f} ms; profiled")
+        return None, None, None
+    return (end - start) / 1e9 / steps, collective / 1e9 / steps, ops / 1e9 / steps
 
 
 def _copy_bandwidth():
