@@ -78,8 +78,8 @@ flags.DEFINE_float("knn_t", d.knn_t, "kNN monitor temperature.")
 flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate every N epochs.")
 flags.DEFINE_string("export_dir", d.export_dir, "Export root ('' to skip export).")
 flags.DEFINE_list("profile_batches", [],
-                  "Trace batches first,last of the first epoch with the TensorFlow profiler "
-                  "(TensorBoard's Profile tab, <workdir>/tensorboard/train).")
+                  "Trace training batches first,last (counted from the start of the run) with "
+                  "the TensorFlow profiler (TensorBoard's Profile tab, <workdir>/tensorboard/train).")
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
                   "Keras verbosity: 1 progress bar, 2 one line per epoch, auto: 1 on a terminal.")
 

@@ -76,7 +76,7 @@ class TrainConfig:
     eval_every: int = 1
     export_dir: Optional[str] = "saved_models"
     verbose: Any = "auto"  # 1 progress bar, 2 a line per epoch; auto: 1 on a terminal
-    profile_batches: Sequence[int] = ()  # (first, last) batch of the first epoch to trace
+    profile_batches: Sequence[int] = ()  # (first, last) training batch of the run to trace
     method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
