@@ -111,5 +111,9 @@ def test_fused_batch_norm_matches_keras_batch_norm():
     v = tf.constant(rng.normal(size=(6, 3)).astype("float32"))  # 2-D: the Keras path
     np.testing.assert_allclose(FusedBatchNormalization()(v, training=True),
                                keras.layers.BatchNormalization()(v, training=True), atol=1e-5)
+    x64 = tf.cast(x, tf.float64)  # float64: the Keras path (the fused kernel has no float64)
+    np.testing.assert_allclose(FusedBatchNormalization(dtype="float64")(x64, training=True),
+                               keras.layers.BatchNormalization(dtype="float64")(x64, training=True),
+                               atol=1e-10)  # float64 precision, which a float32 kernel lacks
     assert isinstance(models.get_backbone("small_cnn", (8, 8, 1)).get_layer("bn0"),
                       FusedBatchNormalization)

@@ -83,12 +83,13 @@ class FusedBatchNormalization(layers.BatchNormalization):
     ``var * n / (n - 1)``, n = B H W; it is scaled back). Epsilon is raised to
     1.001e-5 if smaller, as ``tf.compat.v1.nn.fused_batch_norm`` does (cuDNN's
     floor). Any other case (not 4-D, another axis, synchronized, renorm, a mask,
-    no scale or centre) runs the Keras layer unchanged.
+    no scale or centre, float64) runs the Keras layer unchanged.
     """
 
     def _fusable(self, inputs, mask):
         return (len(inputs.shape) == 4 and self.axis in (3, -1) and not self.synchronized
-                and not self.renorm and mask is None and self.scale and self.center)
+                and not self.renorm and mask is None and self.scale and self.center
+                and inputs.dtype in (tf.float16, tf.bfloat16, tf.float32))  # the kernel's types
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
