@@ -412,7 +412,7 @@ def multi_worker_bench():
     shutil.rmtree(out, ignore_errors=True)
 
 
-PROFILED = (5, 10)  # batches of the first digits epoch traced on the chief (multi_worker)
+PROFILED = (5, 10)  # digits batches traced in both runs of multi_worker (the chief's trace)
 
 
 def _profile(logdir, steps):

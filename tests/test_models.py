@@ -79,8 +79,6 @@ def test_wrn_shortcuts_as_official_mixmatch():
 def test_fused_batch_norm_matches_keras_batch_norm():
     """Forward (training and inference), gradients and moving statistics equal
     Keras's BatchNormalization; non-4-D inputs take the Keras path."""
-    import keras
-
     from tfssl.models.backbones import FusedBatchNormalization
 
     rng = np.random.default_rng(0)

@@ -72,8 +72,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` computed by TensorFlow's fused kernel
     (``FusedBatchNormV3``; oneDNN's on CPU, cuDNN's on GPU) for 4-D channels-last
     inputs. Keras 3 normalises with separate moment, subtract, multiply ops (and
-    as many in the backward pass); one fused op forward and one backward made a
-    WRN-28-2 training step 15-20% faster on 2 CPU cores (BENCHMARKS.md).
+    as many in the backward pass); one fused op forward and one backward made
+    WRN-28-2 training steps 13-33% faster on 2 CPU cores (MixMatch MFU 0.69 ->
+    0.78, SimMatch 0.63 -> 0.84, PAWS 0.66 -> 0.88; BENCHMARKS.md).
 
     Same variables, arguments and results as the Keras layer:
     ``y = gamma (x - mean) / sqrt(var + epsilon) + beta`` with the batch's mean
