@@ -253,18 +253,41 @@ def write_rows(var: tf.Variable, start: int, value) -> None:
 
 
 @tf.function(reduce_retracing=True)
-def _scaled_step(kern, c, n, k):
-    """One iteration on the absorbed kernel: two matvecs (Eigen/oneDNN gemv run
-    at memory bandwidth; XLA's reductions reached a third of it here), and the
-    scalars the driver needs in one tensor: [all finite, max |log scaling|,
-    error sum |c~ / c~' - 1|]."""
-    r = (1.0 / k) / tf.linalg.matvec(kern, c, transpose_a=True)
-    c_new = (1.0 / n) / tf.linalg.matvec(kern, r)
-    finite = tf.reduce_all(tf.math.is_finite(r)) & tf.reduce_all(tf.math.is_finite(c_new))
-    drift = tf.maximum(tf.reduce_max(tf.abs(tf.math.log(c_new))),
-                       tf.reduce_max(tf.abs(tf.math.log(r))))
-    err = tf.reduce_sum(tf.abs(c / c_new - 1.0))
-    return r, c_new, tf.stack([tf.cast(finite, tf.float32), drift, err])
+def _scaled_steps(kern, r, c, it, err, it_end, check_every, tol, absorb_at, n, k):
+    """Iterations on the absorbed kernel, in one graph call, from iteration
+    ``it`` until the first of: ``it_end``; the error at a check iteration
+    (``it % check_every == 0``) is <= tol; a scaling drifted past
+    ``absorb_at`` (|log| of any entry of r~ or c~); a sum is not finite.
+
+    Each iteration is two matvecs (Eigen/oneDNN gemv run at memory bandwidth;
+    XLA's reductions reached a third of it here):
+    ``r~ = (1/K) / Kt^T c~``, ``c~' = (1/N) / Kt r~``. Running many of them per
+    call keeps the host out of the loop: one call and one device-to-host read
+    per stop instead of per iteration (a third of the iteration time at
+    50k x 128).
+
+    Returns r~ [K], c~ [N], and [iterations done (float), error, all finite,
+    max |log scaling|] as one float32 tensor.
+    """
+    def cond(i, r, c, err, finite, drift):
+        return (i < it_end) & finite & (drift <= absorb_at) & (err > tol)
+
+    def body(i, r, c, err, finite, drift):
+        r = (1.0 / k) / tf.linalg.matvec(kern, c, transpose_a=True)
+        c_new = (1.0 / n) / tf.linalg.matvec(kern, r)
+        # Reductions only (no elementwise log): a NaN or inf shows in the sum,
+        # an overflowed denominator as a zero minimum.
+        lo = tf.minimum(tf.reduce_min(c_new), tf.reduce_min(r))
+        hi = tf.maximum(tf.reduce_max(c_new), tf.reduce_max(r))
+        finite = tf.math.is_finite(tf.reduce_sum(c_new) + tf.reduce_sum(r)) & (lo > 0)
+        drift = tf.maximum(tf.abs(tf.math.log(lo)), tf.abs(tf.math.log(hi)))
+        err = tf.cond(i % check_every == 0,
+                      lambda: tf.reduce_sum(tf.abs(c / c_new - 1.0)), lambda: err)
+        return i + 1, r, c_new, err, finite, drift  # not finite: the caller stops
+
+    i, r, c, err, finite, drift = tf.while_loop(
+        cond, body, (it, r, c, err, tf.constant(True), tf.constant(0.0)))
+    return r, c, tf.stack([tf.cast(i, tf.float32), err, tf.cast(finite, tf.float32), drift])
 
 
 def _rows(src, start, end):
@@ -326,19 +349,19 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
     _build_kernel(kern, src, alpha, beta, lam, chunk)
     c = tf.ones([n])
     r = tf.ones([k])
+    consts = (tf.constant(check_every), tf.constant(tol, tf.float32),
+              tf.constant(absorb_at, tf.float32), tf.constant(float(n)), tf.constant(float(k)))
     while err > tol and it < max_iters:
-        r, c_new, status = _scaled_step(kern, c, n, k)
-        finite, drift, step_err = (float(x) for x in status.numpy())
+        r, c, status = _scaled_steps(kern, r, c, tf.constant(it), tf.constant(err, tf.float32),
+                                     tf.constant(max_iters), *consts)
+        done, err, finite, drift = (float(x) for x in status.numpy())
+        it = int(done)
         if not finite:
             if in_place:
                 raise FloatingPointError(
                     "Sinkhorn's scaled kernel underflowed and the input was overwritten: "
                     "rerun with method='log'.")
             return None
-        if it % check_every == 0:
-            err = step_err
-        c = c_new
-        it += 1
         if drift > absorb_at:
             alpha, beta = alpha + tf.math.log(c), beta + tf.math.log(r)
             if in_place:  # the input is gone: rescale what the kernel holds
