@@ -133,3 +133,26 @@ def test_scaled_in_place_on_a_variable():
     np.testing.assert_array_equal(got.labels.numpy(), want.labels.numpy())
     assert not np.allclose(var.numpy(), log_p)  # the kernel now lives there
     assert got.cost == pytest.approx(want.cost, rel=1e-3)
+
+
+@pytest.mark.parametrize("problem", [dict(n=257, k=5, seed=2, lam=10.0),  # 16 blocks + 1 row
+                                     dict(n=500, k=20, scale=8.0, seed=5, skew=10.0, lam=25.0)])
+def test_kernel_in_row_blocks_equals_one_block(problem, monkeypatch):
+    # The scaled loop fuses the two matvecs block by block; the second problem
+    # also drifts, so the blocks are rebuilt from the input (absorption).
+    from tfssl.ops import sinkhorn as module
+
+    lam = problem.pop("lam")
+    log_p = _problem(**problem)
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1 << 30)
+    one = sinkhorn(log_p, lam=lam, tol=0.01)
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 4 * log_p.shape[1] * 16)  # 16 rows a block
+    assert len(module._block_starts(*log_p.shape)) - 1 == -(-log_p.shape[0] // 16)
+    blocked = sinkhorn(log_p, lam=lam, tol=0.01)
+    want, _, iters = reference(log_p, lam=lam, tol=0.01)
+    np.testing.assert_array_equal(blocked.labels.numpy(), want)
+    np.testing.assert_array_equal(blocked.labels.numpy(), one.labels.numpy())
+    assert blocked.iterations == one.iterations == iters
+    np.testing.assert_allclose(blocked.log_r.numpy(), one.log_r.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(blocked.log_c.numpy(), one.log_c.numpy(), rtol=1e-5, atol=1e-4)
+    assert blocked.cost == pytest.approx(one.cost, rel=1e-4)

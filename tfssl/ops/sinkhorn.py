@@ -253,28 +253,50 @@ def write_rows(var: tf.Variable, start: int, value) -> None:
 
 
 @tf.function(reduce_retracing=True)
-def _scaled_steps(kern, r, c, it, err, it_end, check_every, tol, absorb_at, n, k):
+def _scaled_steps(blocks, c, it, err, it_end, check_every, tol, absorb_at, n, k):
     """Iterations on the absorbed kernel, in one graph call, from iteration
     ``it`` until the first of: ``it_end``; the error at a check iteration
     (``it % check_every == 0``) is <= tol; a scaling drifted past
     ``absorb_at`` (|log| of any entry of r~ or c~); a sum is not finite.
 
-    Each iteration is two matvecs (Eigen/oneDNN gemv run at memory bandwidth;
-    XLA's reductions reached a third of it here):
-    ``r~ = (1/K) / Kt^T c~``, ``c~' = (1/N) / Kt r~``. Running many of them per
-    call keeps the host out of the loop: one call and one device-to-host read
-    per stop instead of per iteration (a third of the iteration time at
-    50k x 128).
+    An iteration is ``r~ = (1/K) / Kt^T c~`` then ``c~' = (1/N) / Kt r~``.
+    The kernel comes in row blocks Kt_b (``blocks``, each a variable of about
+    a core's L2 cache), and one pass over them does the second half of an
+    iteration and the first half of the next: ``c~_b = (1/N) / Kt_b r~`` and
+    ``sum_b Kt_b^T c~_b``, while Kt_b is still in cache. So an iteration reads
+    the kernel from memory once, not twice; the blocks are independent, so
+    the runtime runs them on both cores. (Matvecs: Eigen/oneDNN gemv run at
+    memory bandwidth; XLA's reductions reached a third of it here.) Many
+    iterations per call keep the host out of the loop.
 
-    Returns r~ [K], c~ [N], and [iterations done (float), error, all finite,
-    max |log scaling|] as one float32 tensor.
+    Args:
+      blocks: list of float32 [N_b, K] variables, the rows of Kt in order.
+      c: float32 [N], the row scalings c~ before iteration ``it``.
+
+    Returns:
+      r~ [K] and c~ [N] after the last iteration run, and [the next
+      iteration's index (float), error, all finite, max |log scaling|] as one
+      float32 tensor.
     """
-    def cond(i, r, c, err, finite, drift):
+    sizes = [int(b.shape[0]) for b in blocks]
+
+    # Plain MatMul ops on column/row vectors: tf.linalg.matvec would add two
+    # reshapes per call to a graph of a few hundred ops.
+    def column_pass(c_parts):  # (1/K) / sum_b Kt_b^T c~_b, from c~_b [N_b, 1]
+        s = tf.add_n([tf.matmul(cb, b, transpose_a=True) for b, cb in zip(blocks, c_parts)])
+        return (1.0 / k) / tf.reshape(s, [-1])
+
+    def fused_pass(r):  # c~ = (1/N) / Kt r~, and the next r~ from it
+        r_col = tf.reshape(r, [-1, 1])
+        c_parts = [(1.0 / n) / tf.matmul(b, r_col) for b in blocks]
+        return tf.reshape(tf.concat(c_parts, 0), [-1]), column_pass(c_parts)
+
+    def cond(i, r, r_next, c, err, finite, drift):
         return (i < it_end) & finite & (drift <= absorb_at) & (err > tol)
 
-    def body(i, r, c, err, finite, drift):
-        r = (1.0 / k) / tf.linalg.matvec(kern, c, transpose_a=True)
-        c_new = (1.0 / n) / tf.linalg.matvec(kern, r)
+    def body(i, r, r_next, c, err, finite, drift):
+        r = r_next
+        c_new, r_next = fused_pass(r)
         # Reductions only (no elementwise log): a NaN or inf shows in the sum,
         # an overflowed denominator as a zero minimum.
         lo = tf.minimum(tf.reduce_min(c_new), tf.reduce_min(r))
@@ -283,10 +305,11 @@ def _scaled_steps(kern, r, c, it, err, it_end, check_every, tol, absorb_at, n, k
         drift = tf.maximum(tf.abs(tf.math.log(lo)), tf.abs(tf.math.log(hi)))
         err = tf.cond(i % check_every == 0,
                       lambda: tf.reduce_sum(tf.abs(c / c_new - 1.0)), lambda: err)
-        return i + 1, r, c_new, err, finite, drift  # not finite: the caller stops
+        return i + 1, r, r_next, c_new, err, finite, drift  # not finite: the caller stops
 
-    i, r, c, err, finite, drift = tf.while_loop(
-        cond, body, (it, r, c, err, tf.constant(True), tf.constant(0.0)))
+    r_first = column_pass(tf.split(tf.reshape(c, [-1, 1]), sizes))
+    i, r, _, c, err, finite, drift = tf.while_loop(
+        cond, body, (it, r_first, r_first, c, err, tf.constant(True), tf.constant(0.0)))
     return r, c, tf.stack([tf.cast(i, tf.float32), err, tf.cast(finite, tf.float32), drift])
 
 
@@ -294,13 +317,32 @@ def _rows(src, start, end):
     return read_rows(src, start, end) if isinstance(src, tf.Variable) else src[start:end]
 
 
-def _build_kernel(kern, src, alpha, beta, lam, chunk):
-    """kern <- exp(lam * log p + alpha_i + beta_k), block by block from ``src``."""
-    n = int(kern.shape[0])
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        write_rows(kern, start, _fill_kernel(_rows(src, start, end), alpha[start:end], beta, lam))
-    _dense_reads(kern)
+# Rows per kernel block: about 1 MB, so a block stays in a core's L2 cache
+# between the two matvecs of _scaled_steps, and at most _MAX_BLOCKS blocks
+# (the step's graph has a few ops per block; its tracing and optimisation
+# take about 7 ms a block, paid once per shape).
+_BLOCK_BYTES = 1 << 20
+_MAX_BLOCKS = 64
+
+
+def _block_starts(n, k):
+    rows = max(_BLOCK_BYTES // (4 * k), -(-n // _MAX_BLOCKS), 1)
+    return list(range(0, n, rows)) + [n]
+
+
+def _build_blocks(src, alpha, beta, lam, bounds, blocks=None):
+    """Kernel blocks exp(lam * log p + alpha_i + beta_k) of rows
+    [bounds[j], bounds[j + 1]) from ``src``: new variables, or written into
+    ``blocks``."""
+    out = []
+    for j, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        value = _fill_kernel(_rows(src, start, end), alpha[start:end], beta, lam)
+        if blocks is None:
+            out.append(tf.Variable(value, trainable=False))
+            _dense_reads(out[-1])
+        else:
+            blocks[j].assign(value)
+    return out or blocks
 
 
 def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
@@ -343,16 +385,25 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
     if err <= tol or it >= max_iters:
         labels, cost = assign(tf.convert_to_tensor(src), log_r, log_c, lam, log_n, chunk)
         return SinkhornResult(labels, log_r, log_c, it, err, float(cost) / n, tol)
-    # Absorb: Kt = exp(lam log p + log c + log r), chunk by chunk, in place if allowed.
-    kern = src if in_place else tf.Variable(tf.zeros([n, k], tf.float32), trainable=False)
+    # Absorb: Kt = exp(lam log p + log c + log r), in row blocks (copy), or
+    # in the input's own memory (in place: one block, the input variable).
     alpha, beta = log_c, log_r
-    _build_kernel(kern, src, alpha, beta, lam, chunk)
+    if in_place:
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            write_rows(src, start, _fill_kernel(read_rows(src, start, end),
+                                                alpha[start:end], beta, lam))
+        _dense_reads(src)
+        blocks = [src]
+    else:
+        bounds = _block_starts(n, k)
+        blocks = _build_blocks(src, alpha, beta, lam, bounds)
     c = tf.ones([n])
     r = tf.ones([k])
     consts = (tf.constant(check_every), tf.constant(tol, tf.float32),
               tf.constant(absorb_at, tf.float32), tf.constant(float(n)), tf.constant(float(k)))
     while err > tol and it < max_iters:
-        r, c, status = _scaled_steps(kern, r, c, tf.constant(it), tf.constant(err, tf.float32),
+        r, c, status = _scaled_steps(blocks, c, tf.constant(it), tf.constant(err, tf.float32),
                                      tf.constant(max_iters), *consts)
         done, err, finite, drift = (float(x) for x in status.numpy())
         it = int(done)
@@ -367,22 +418,22 @@ def _scaled(log_p, lam, tol, max_iters, check_every, chunk_size, overwrite,
             if in_place:  # the input is gone: rescale what the kernel holds
                 for start in range(0, n, chunk):
                     end = min(start + chunk, n)
-                    write_rows(kern, start,
-                               _absorb_block(read_rows(kern, start, end), c[start:end], r))
-                _dense_reads(kern)
+                    write_rows(src, start,
+                               _absorb_block(read_rows(src, start, end), c[start:end], r))
+                _dense_reads(src)
             else:  # rebuild from the input: entries that underflowed come back
-                _build_kernel(kern, src, alpha, beta, lam, chunk)
+                _build_blocks(src, alpha, beta, lam, bounds, blocks)
             c, r = tf.ones([n]), tf.ones([k])
-    labels, cost = [], 0.0
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        lab, part = _scaled_assign(read_rows(kern, start, end), r, c[start:end],
-                                   alpha[start:end], beta,
+    labels, cost = [], tf.constant(0.0)
+    row_bounds = list(range(0, n, chunk)) + [n] if in_place else bounds
+    for j, (start, end) in enumerate(zip(row_bounds[:-1], row_bounds[1:])):
+        kern = read_rows(src, start, end) if in_place else blocks[j]
+        lab, part = _scaled_assign(kern, r, c[start:end], alpha[start:end], beta,
                                    lam, tf.cast(n, tf.float32))
         labels.append(lab)
-        cost += float(part)
+        cost += part
     return SinkhornResult(tf.concat(labels, 0), beta + tf.math.log(r), alpha + tf.math.log(c),
-                          it, err, cost / n, tol)
+                          it, err, float(cost) / n, tol)
 
 
 def _is_distributed(x):
