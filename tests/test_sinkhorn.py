@@ -156,3 +156,16 @@ def test_kernel_in_row_blocks_equals_one_block(problem, monkeypatch):
     np.testing.assert_allclose(blocked.log_r.numpy(), one.log_r.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(blocked.log_c.numpy(), one.log_c.numpy(), rtol=1e-5, atol=1e-4)
     assert blocked.cost == pytest.approx(one.cost, rel=1e-4)
+
+
+def test_repeat_calls_at_other_sizes_with_as_many_blocks(monkeypatch):
+    from tfssl.ops import sinkhorn as module
+
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(module, "_MAX_BLOCKS", 4)
+    for n in (40, 80, 70):  # 4 blocks each: 10, 20, and 18 + 18 + 18 + 16 rows
+        log_p = _problem(n=n, k=5, seed=n)
+        want, _, iters = reference(log_p, lam=10, tol=0.01)
+        res = sinkhorn(log_p, lam=10, tol=0.01)
+        np.testing.assert_array_equal(res.labels.numpy(), want)
+        assert res.iterations == iters

@@ -252,7 +252,7 @@ def write_rows(var: tf.Variable, start: int, value) -> None:
         strides=[1, 1], value=value)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function
 def _scaled_steps(blocks, c, it, err, it_end, check_every, tol, absorb_at, n, k):
     """Iterations on the absorbed kernel, in one graph call, from iteration
     ``it`` until the first of: ``it_end``; the error at a check iteration
@@ -278,7 +278,7 @@ def _scaled_steps(blocks, c, it, err, it_end, check_every, tol, absorb_at, n, k)
       iteration's index (float), error, all finite, max |log scaling|] as one
       float32 tensor.
     """
-    sizes = [int(b.shape[0]) for b in blocks]
+    sizes = tf.stack([tf.shape(b)[0] for b in blocks])  # not traced in: shapes vary
 
     # Plain MatMul ops on column/row vectors: tf.linalg.matvec would add two
     # reshapes per call to a graph of a few hundred ops.
