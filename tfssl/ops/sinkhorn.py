@@ -30,7 +30,7 @@ the official float64 code):
   memory bound. Kt is kept in row blocks of about 1 MB; one pass over the
   blocks ends an iteration (``c~_b = (1/N) / Kt_b r~``) and begins the next
   (``sum_b Kt_b^T c~_b``) while each block is still in cache, so the matrix
-  comes from memory once per iteration (up to 64 blocks: a larger matrix
+  comes from memory once per iteration (up to 128 blocks: a larger matrix
   gets larger blocks, which may not stay in cache), and many iterations run
   per graph call. Per iteration that is 1.7-4.9x the official float64 NumPy loop
   measured in the same run, with the same labels (BENCHMARKS.md). The log-domain warm-up runs
@@ -330,7 +330,7 @@ def _rows(src, start, end):
 # (the step's graph has a few ops per block; its tracing and optimisation
 # take about 7 ms a block, paid once per shape).
 _BLOCK_BYTES = 1 << 20
-_MAX_BLOCKS = 64
+_MAX_BLOCKS = 128
 
 
 def _block_starts(n, k):
