@@ -61,9 +61,12 @@ def test_packed_logs_unpack_to_the_same_logs(monkeypatch):
         np.testing.assert_allclose(packed[k], plain[k], rtol=1e-6)
 
 
-# Tolerances: PAWS's tau = 0.1 and T = 0.25 amplify float differences (see
-# tests/test_paws.py::test_two_replicas_match_one_device).
-TOLERANCE = {"paws": dict(rtol=2e-3, atol=1e-3)}
+# Tolerances: PAWS's case uses tau = T = 0.5 (multi_worker_cases.paws). With
+# the defaults 0.1 and 0.25 the sharpened soft nearest neighbours amplified
+# float differences up to 7e-3 across workers on an Intel host, too close to
+# what a distribution bug does (1e-2 and more); with 0.5 it matched at the
+# default tolerances there. The margin below is for other hosts' kernels.
+TOLERANCE = {"paws": dict(rtol=1e-3, atol=1e-4)}
 
 
 @pytest.mark.parametrize("case", ["supervised", "sela", "mixmatch", "simmatch", "ascl", "paws"])

@@ -313,16 +313,16 @@ def test_step_loss_matches_numpy():
 
 def test_two_replicas_match_one_device():
     def build():
-        m = _paws()
+        m = _paws(temperature=0.5, sharpen_t=0.5)
         m.compile(optimizer=optimizers.LARS(0.1, weight_decay=1e-4, trust_coefficient=0.02))
         return m
 
-    # Tolerance: tau = 0.1 and T = 0.25 amplify float differences (the sync-BN
-    # statistics, the reduction order) and a target entry can cross the 1e-4
-    # floor; measured: 1e-5 relative after one step, up to 6e-4 after three.
+    # tau and T softer than the defaults: 0.1 and 0.25 amplify float
+    # differences (the sync-BN statistics, the reduction order) by host: up to
+    # 6e-4 after three steps on an AMD host, 3e-4 absolute on an Intel one.
     # Distribution bugs (a gather without gradient, an unscaled replica loss)
-    # move the weights by 1e-2 or more.
-    testing.assert_replicas_match(build, _paws_batches(3), steps=3, rtol=2e-3, atol=1e-4)
+    # move the weights by 1e-2 or more at any tau and T.
+    testing.assert_replicas_match(build, _paws_batches(3), steps=3, rtol=1e-3, atol=1e-4)
 
 
 def test_unique_classes_per_replica_and_a_wrong_layout_is_refused():
