@@ -28,6 +28,14 @@ gradients' size between the workers (the collective share of a step):
 
     python scripts/benchmark.py --mode=multi_worker --method=supervised \
         --backbone=wrn28_2 --batch_size=64 --num_workers=2 --threads=2
+
+Mode ``sinkhorn``: tfssl's Sinkhorn-Knopp against the official float64 NumPy
+loop on random logits, for each of ``--sinkhorn_sizes``: iterations, seconds
+per iteration of the first call (all-in: compilation, warm-up, kernel build,
+labels) and of a repeat call at the same shape, the matrix GB/s beside a NumPy
+copy's bandwidth measured in the same run, and whether the labels agree:
+
+    python scripts/benchmark.py --mode=sinkhorn --sinkhorn_sizes=50000x128,200000x1000
 """
 
 import datetime
