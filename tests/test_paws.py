@@ -311,6 +311,53 @@ def test_step_loss_matches_numpy():
     np.testing.assert_allclose(logs["loss"], ce + (p_bar * np.log(p_bar)).sum(), rtol=1e-4)
 
 
+def test_step_gradient_flows_through_the_supports():
+    # One SGD(lr=1) step equals minus the gradient of the NumPy test's loss,
+    # written with TF ops here: targets without gradient, the anchors' soft
+    # nearest neighbours WITH gradient through the support embeddings (a
+    # support gather that stopped it would leave the loss value unchanged).
+    keras.utils.set_random_seed(0)
+    m = _paws(norm="none")
+    m.compile(optimizer=keras.optimizers.SGD(1.0))
+    batch = next(iter(_paws_batches(1)))
+    sup, unl = batch["labeled"], batch["unlabeled"]
+    y = tf.constant(paws_ops.support_labels(C, S, V), tf.float32)
+
+    def snn(q, s):
+        q, s = tf.math.l2_normalize(q, -1), tf.math.l2_normalize(s, -1)
+        return tf.nn.softmax(q @ tf.transpose(s) / 0.1) @ y
+
+    def sharpen(p, t=0.25):
+        p = p ** (1 / t)
+        return p / tf.reduce_sum(p, -1, keepdims=True)
+
+    weights = m.trainable_variables
+    with tf.GradientTape() as tape:
+        h = m.projector(m.encoder(tf.concat([sup["view_0"], sup["view_1"], unl["global_0"],
+                                              unl["global_1"]], 0), training=True),
+                        training=True)
+        h_loc = m.projector(m.encoder(tf.concat([unl["local_0"], unl["local_1"]], 0),
+                                      training=True), training=True)
+        h_s, h_g = h[:2 * C * S], h[2 * C * S:]
+        p_g = tf.stop_gradient(snn(h_g, h_s))
+        t = sharpen(tf.concat([p_g[B:], p_g[:B]], 0))
+        t = tf.concat([t, 0.5 * (t[:B] + t[B:]), 0.5 * (t[:B] + t[B:])], 0)
+        t = tf.where(t < 1e-4, 0.0, t)
+        probs = snn(tf.concat([h_g, h_loc], 0), h_s)
+        p_bar = tf.reduce_mean(sharpen(probs), 0)
+        loss = (-tf.reduce_mean(tf.reduce_sum(t * tf.math.log(probs), -1))
+                + tf.reduce_sum(p_bar * tf.math.log(p_bar)))
+    grads = tape.gradient(loss, weights)
+    before = [w.numpy() for w in weights]
+    m.train_on_batch(batch)
+    moved = 0.0
+    for w, b, g in zip(weights, before, grads):
+        g = np.zeros_like(b) if g is None else g.numpy()
+        np.testing.assert_allclose(b - w.numpy(), g, rtol=2e-3, atol=1e-6, err_msg=w.path)
+        moved = max(moved, float(np.abs(g).max()))
+    assert moved > 1e-3  # the step did something
+
+
 def test_two_replicas_match_one_device():
     def build():
         m = _paws(temperature=0.5, sharpen_t=0.5)
