@@ -284,18 +284,29 @@ def _paws_batches(steps=3, seed=0, chunks=1):
     return tf.data.Dataset.zip({"labeled": sup, "unlabeled": unl})
 
 
-def test_step_loss_matches_numpy():
+def _step_case(lr):
+    """A PAWS model without BN in the backbone, compiled with SGD(lr), and one batch."""
     keras.utils.set_random_seed(0)
     m = _paws(norm="none")
-    m.compile(optimizer=keras.optimizers.SGD(0.0))
-    batch = next(iter(_paws_batches(1)))
+    m.compile(optimizer=keras.optimizers.SGD(lr))
+    return m, next(iter(_paws_batches(1)))
+
+
+def _step_embeddings(m, batch):
+    """h of the supports + global views and h of the local crops: the step's two
+    forwards (BN in the heads sees the same two batches as in the step)."""
     sup, unl = batch["labeled"], batch["unlabeled"]
 
-    def emb(x):  # BN in the heads: the step's forwards are two batches, as here
-        return m.projector(m.encoder(x, training=True), training=True).numpy()
+    def emb(x):
+        return m.projector(m.encoder(x, training=True), training=True)
 
-    h = emb(tf.concat([sup["view_0"], sup["view_1"], unl["global_0"], unl["global_1"]], 0))
-    h_loc = emb(tf.concat([unl["local_0"], unl["local_1"]], 0))
+    return (emb(tf.concat([sup["view_0"], sup["view_1"], unl["global_0"], unl["global_1"]], 0)),
+            emb(tf.concat([unl["local_0"], unl["local_1"]], 0)))
+
+
+def test_step_loss_matches_numpy():
+    m, batch = _step_case(0.0)
+    h, h_loc = (x.numpy() for x in _step_embeddings(m, batch))
     h_s, h_g = h[:2 * C * S], h[2 * C * S:]
     y = paws_ops.support_labels(C, S, V)
     p_g = _np_snn(h_g, h_s, y)
@@ -316,11 +327,7 @@ def test_step_gradient_flows_through_the_supports():
     # written with TF ops here: targets without gradient, the anchors' soft
     # nearest neighbours WITH gradient through the support embeddings (a
     # support gather that stopped it would leave the loss value unchanged).
-    keras.utils.set_random_seed(0)
-    m = _paws(norm="none")
-    m.compile(optimizer=keras.optimizers.SGD(1.0))
-    batch = next(iter(_paws_batches(1)))
-    sup, unl = batch["labeled"], batch["unlabeled"]
+    m, batch = _step_case(1.0)
     y = tf.constant(paws_ops.support_labels(C, S, V), tf.float32)
 
     def snn(q, s):
@@ -333,11 +340,7 @@ def test_step_gradient_flows_through_the_supports():
 
     weights = m.trainable_variables
     with tf.GradientTape() as tape:
-        h = m.projector(m.encoder(tf.concat([sup["view_0"], sup["view_1"], unl["global_0"],
-                                              unl["global_1"]], 0), training=True),
-                        training=True)
-        h_loc = m.projector(m.encoder(tf.concat([unl["local_0"], unl["local_1"]], 0),
-                                      training=True), training=True)
+        h, h_loc = _step_embeddings(m, batch)
         h_s, h_g = h[:2 * C * S], h[2 * C * S:]
         p_g = tf.stop_gradient(snn(h_g, h_s))
         t = sharpen(tf.concat([p_g[B:], p_g[:B]], 0))
