@@ -38,6 +38,10 @@ flags.DEFINE_string("workdir", d.workdir, "Run directory: checkpoints, logs, sum
 flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
 flags.DEFINE_integer("steps_per_epoch", d.steps_per_epoch,
                      "Steps per epoch (default: one pass over the unlabeled stream).")
+flags.DEFINE_integer("steps_per_execution", d.steps_per_execution,
+                     "Training steps per call of the train function, run in one graph: less "
+                     "Python per step. Callbacks (SeLa's relabelling, --profile_batches) see "
+                     "every N-th step; an epoch keeps its --steps_per_epoch steps.")
 flags.DEFINE_integer("batch_size", d.batch_size, "GLOBAL labeled batch size B.")
 flags.DEFINE_integer("unlabeled_batch_size", d.unlabeled_batch_size,
                      "GLOBAL unlabeled batch size B_u (default 7 * B for methods with unlabeled views).")

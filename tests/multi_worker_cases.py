@@ -120,6 +120,20 @@ def ascl():
     return build, data
 
 
+def ascl_steps_per_execution():
+    """The ASCL case with 2 steps per call of the train function: the steps'
+    collectives (gradients, queue gathers) inside a tf.while_loop, and an epoch
+    of 3 steps as calls of 2 + 1."""
+    build, data = ascl()
+
+    def build_n():
+        m = build()
+        m.compile(optimizer=m.optimizer, steps_per_execution=2)
+        return m
+
+    return build_n, data
+
+
 def paws():
     """PAWS: supports all-gathered across workers with gradient (custom
     backward), ME-MAX's mean over the global batch, a multi-crop forward, LARS."""

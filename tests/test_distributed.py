@@ -16,14 +16,14 @@ def _batches(n=3, batch=8, seed=0):
         {"labeled": {"weak": x, "label": y, "index": np.arange(n * batch)}}).batch(batch)
 
 
-def _build(ema=None, optimizer="sgd"):
+def _build(ema=None, optimizer="sgd", steps_per_execution=1):
     def build():
         enc = models.encoder(models.small_cnn((8, 8, 1), width=8, norm="sync_batch"),
                              (0.5,), (0.25,))
         m = methods.Supervised(enc, 10, ema_decay=ema)
         opt = (keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
                else keras.optimizers.Adam(1e-2))
-        m.compile(optimizer=opt)
+        m.compile(optimizer=opt, steps_per_execution=steps_per_execution)
         return m
     return build
 
@@ -31,6 +31,14 @@ def _build(ema=None, optimizer="sgd"):
 def test_two_replicas_match_one_device_sgd_with_ema():
     one, many = testing.assert_replicas_match(_build(ema=0.9), _batches(), steps=3)
     assert any(k.endswith("ema_0") for k in one)
+    assert [v for k, v in one.items() if k.endswith("iteration")] == [3]
+
+
+def test_two_replicas_match_one_device_with_steps_per_execution():
+    # 2 steps per call (one call of 2, one of 1): the replicas' steps run in a
+    # tf.while_loop around strategy.run.
+    one, _ = testing.assert_replicas_match(_build(ema=0.9, steps_per_execution=2), _batches(),
+                                           steps=3)
     assert [v for k, v in one.items() if k.endswith("iteration")] == [3]
 
 

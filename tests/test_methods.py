@@ -106,3 +106,65 @@ def test_state_variables_are_saved_and_restored(tmp_path):
     np.testing.assert_array_equal(q2.numpy(), queue.numpy())
     np.testing.assert_array_equal(m2._ema_pairs[0][0].numpy(), 7.0)
     assert not q2.trainable
+
+
+def _case(name, steps_per_execution):
+    """A multi-worker test case's model, recompiled with ``steps_per_execution``,
+    and its 3 global batches repeated."""
+    import os
+
+    from tfssl import testing
+
+    build, dataset, *_ = testing._load_case(
+        os.path.join(os.path.dirname(__file__), f"multi_worker_cases.py:{name}"))()
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(optimizer=model.optimizer, steps_per_execution=steps_per_execution)
+    return model, dataset.repeat()
+
+
+@pytest.mark.parametrize("name,n", [("mixmatch", 2), ("ascl", 2), ("ascl", 4)])
+def test_steps_per_execution_runs_the_same_steps(name, n):
+    # N steps per call in one graph: the same weights, state (queue, EMA),
+    # optimizer slots and epoch logs as one step per call, and each epoch
+    # keeps its 3 steps (calls of 2 + 1 steps, or one call of 3 for N = 4).
+    from tfssl import testing
+
+    runs = []
+    for spe in (1, n):
+        model, dataset = _case(name, spe)
+        calls = []
+        record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: calls.append(b))
+        history = model.fit(dataset, epochs=2, steps_per_epoch=3, verbose=0, callbacks=[record])
+        assert int(model.optimizer.iterations.numpy()) == 6
+        runs.append((testing.snapshot(model), history.history, calls))
+    (one, one_logs, one_calls), (many, many_logs, many_calls) = runs
+    assert one_calls == [0, 1, 2] * 2
+    assert len(many_calls) == 2 * (2 if n == 2 else 1)
+    assert set(one) == set(many)
+    for k in one:
+        np.testing.assert_allclose(many[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert list(many_logs) == list(one_logs)
+    for k in one_logs:
+        np.testing.assert_allclose(many_logs[k], one_logs[k], rtol=1e-5, err_msg=k)
+
+
+def test_steps_per_execution_evaluates_every_batch():
+    # evaluate (and fit's validation) makes up to N one-step calls per call:
+    # all 5 batches of 7 images are seen, as with one step per call.
+    keras.utils.set_random_seed(0)
+    m = methods.Supervised(_encoder(norm="none"), 10)
+    rng = np.random.default_rng(0)
+    test = __import__("tensorflow").data.Dataset.from_tensor_slices(
+        {"image": rng.uniform(0, 1, [35, 8, 8, 1]).astype("float32"),
+         "label": rng.integers(0, 10, [35])}).batch(7)
+    results = []
+    for spe in (1, 2):
+        m.compile(optimizer=keras.optimizers.SGD(0.0), steps_per_execution=spe)
+        results.append(m.evaluate(test, verbose=0, return_dict=True))
+        assert int(m.eval_top1.count.numpy()) == 35
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    # train_on_batch (a generator, not an iterator) runs its one batch.
+    x, y = rng.uniform(0, 1, [6, 8, 8, 1]).astype("float32"), rng.integers(0, 10, [6])
+    logs = m.train_on_batch({"labeled": {"weak": x, "label": y}}, return_dict=True)
+    assert "loss_x" in logs and int(m.optimizer.iterations.numpy()) == 1

@@ -29,6 +29,12 @@ def test_keras_behaviour_the_base_model_works_around_is_unchanged():
             getattr(trainer.TensorFlowTrainer, name))
     reduce = inspect.getsource(trainer.reduce_per_replica)
     assert 'strategy.reduce("MEAN", v, axis=0)' in reduce
+    # Keras's own multi-step loop (replaced for steps_per_execution > 1) and
+    # the per-metric reads of get_metrics_result (packed under multi-worker).
+    assert "iterator.get_next_as_optional()" in make and "self.steps_per_execution" in make
+    from keras.src.trainers import trainer as base_trainer
+
+    assert "metric.result()" in inspect.getsource(base_trainer.Trainer.get_metrics_result)
 
 
 def test_packed_logs_unpack_to_the_same_logs(monkeypatch):
@@ -69,7 +75,8 @@ def test_packed_logs_unpack_to_the_same_logs(monkeypatch):
 TOLERANCE = {"paws": dict(rtol=1e-3, atol=1e-4)}
 
 
-@pytest.mark.parametrize("case", ["supervised", "sela", "mixmatch", "simmatch", "ascl", "paws"])
+@pytest.mark.parametrize("case", ["supervised", "sela", "mixmatch", "simmatch", "ascl", "paws",
+                                  "ascl_steps_per_execution"])
 def test_two_workers_match_one_process(case, tmp_path):
     one, workers = testing.assert_workers_match(f"{CASES}:{case}", num_workers=2, steps=3,
                                                 log_dir=str(tmp_path),

@@ -33,6 +33,7 @@ def _cfg(tmp_path, **kw):
     (dict(dataset="imagenet2012", download=True), "--manual_dir"),
     (dict(profile_batches=(3,)), "--profile_batches takes two batch numbers"),
     (dict(profile_batches=(3, 2)), "--profile_batches takes two batch numbers"),
+    (dict(steps_per_execution=0), "--steps_per_execution must be a positive integer"),
 ])
 def test_bad_flags_fail_in_validation(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -98,8 +99,10 @@ class _Record(keras.callbacks.Callback):
             self.first_iteration = int(self.model.optimizer.iterations.numpy())
 
 
-def test_a_killed_run_resumes_at_the_next_epoch(tmp_path):
-    cfg = _cfg(tmp_path, epochs=3, export_dir=None)
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_a_killed_run_resumes_at_the_next_epoch(tmp_path, steps_per_execution):
+    # With 2 steps per call an epoch of 3 steps is a call of 2 and one of 1.
+    cfg = _cfg(tmp_path, epochs=3, export_dir=None, steps_per_execution=steps_per_execution)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, callbacks=[_Interrupt()])
     assert os.path.isdir(tmp_path / "run" / "backup")

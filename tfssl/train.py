@@ -48,6 +48,7 @@ class TrainConfig:
     workdir: str = "runs/default"
     epochs: int = 30
     steps_per_epoch: Optional[int] = None
+    steps_per_execution: int = 1
     batch_size: int = 64
     unlabeled_batch_size: Optional[int] = None
     labels_per_class: Optional[int] = 4
@@ -103,6 +104,9 @@ class TrainConfig:
         if pb and (len(pb) != 2 or not 1 <= int(pb[0]) <= int(pb[1])):
             raise ConfigError(f"--profile_batches takes two batch numbers first,last with "
                               f"1 <= first <= last, got {','.join(map(str, pb))}.")
+        if self.steps_per_execution is None or self.steps_per_execution < 1:
+            raise ConfigError(f"--steps_per_execution must be a positive integer, got "
+                              f"{self.steps_per_execution}.")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"--steps_per_epoch must be positive, got {self.steps_per_epoch}.")
         if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 0:
@@ -420,7 +424,8 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
             model, backbone_name = build_model(cfg, source, labeled_ids)
         except ValueError as e:
             raise ConfigError(f"{e} (method arguments come from the --{cfg.method}_* flags)") from e
-        model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps))
+        model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps),
+                      steps_per_execution=cfg.steps_per_execution)
 
     use_ema = model.evaluate_with_ema
     has_head = getattr(model, "head", None) is not None

@@ -20,10 +20,13 @@ The base gives it:
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
+from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
 from tfssl import augment, distribute
 
@@ -81,21 +84,125 @@ class SSLModel(keras.Model):
         # symbolic build from a batch.
         self.built = True
 
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``. With ``compile(steps_per_execution=N)``, N > 1,
+        each call of the train function runs up to N steps in one graph, and
+        an epoch still runs exactly ``steps_per_epoch`` steps (the epoch's last
+        call runs the rest; see ``_make_function``)."""
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        args = bound.arguments
+        steps, x = args.get("steps_per_epoch"), args.get("x")
+        if steps is None and isinstance(x, tf.data.Dataset) and int(x.cardinality()) >= 0:
+            steps = int(x.cardinality())
+        # (A namespace, not a dict: Keras would track a dict attribute as a copy.)
+        self._epoch_position = position = types.SimpleNamespace(steps=steps, begin=0)
+
+        class StepPosition(keras.callbacks.Callback):
+            # Keras calls on_train_batch_begin(first step of the call) just
+            # before each call of the train function.
+            def on_train_batch_begin(self, batch, logs=None):
+                position.begin = batch
+
+        callbacks = args.get("callbacks") or []
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(StepPosition())
+        else:
+            callbacks = list(callbacks) + [StepPosition()]
+        args["callbacks"] = callbacks
+        args.pop("self")
+        return super().fit(**args)
+
     def _make_function(self, step_function):
-        # Upstream behaviour (Keras 3.8-3.15, TensorFlowTrainer._make_function
-        # and reduce_per_replica): after every train/test step, under a
-        # multi-worker collective strategy, each returned log is reduced with
-        # its own strategy.reduce("MEAN", v, axis=0). For the scalars every
-        # step returns that fails ("Invalid reduction dimension 0"), and it
-        # would cost one cross-worker collective per log and step. Under
-        # multi-worker the step's scalar logs (tracker results) are packed
-        # into one [1, n] tensor, reduced once (the mean over the workers, as
-        # Keras does for each log) and unpacked into the usual dict before
-        # callbacks see them. Only multi-worker runs are touched;
-        # tests/test_multi_worker.py fails if a Keras upgrade changes this
-        # behaviour.
-        if not distribute.is_multi_worker(self.distribute_strategy):
-            return super()._make_function(step_function)
+        """The train/test function Keras calls once per ``steps_per_execution``
+        steps of ``fit``/``evaluate``.
+
+        Two upstream behaviours (Keras 3.8-3.15, ``TensorFlowTrainer``) are
+        replaced here; tests/test_multi_worker.py fails if a Keras upgrade
+        changes them:
+
+        * after every step, under a multi-worker collective strategy, each
+          returned log is reduced with its own ``strategy.reduce("MEAN", v,
+          axis=0)`` (``reduce_per_replica``). For the scalars every step
+          returns that fails ("Invalid reduction dimension 0") and would cost
+          collectives per log and step. Under multi-worker the step's scalar
+          logs are packed into one [1, n] tensor, reduced once (the mean over
+          the workers, as Keras does for each log) and unpacked before
+          callbacks see them.
+        * with ``steps_per_execution`` N > 1, Keras's in-graph loop over
+          ``iterator.get_next_as_optional()`` fails under the multi-worker
+          strategy (an InvalidArgumentError at a ``while/cond`` placeholder)
+          and, on an endless dataset, runs N steps in the last call of an
+          epoch whatever ``steps_per_epoch`` says. Here the train function
+          runs ``min(N, steps left in the epoch)`` steps in a
+          ``tf.while_loop`` and reduces only the last step's logs; the test
+          function makes up to N one-step calls.
+        """
+        multi_worker = distribute.is_multi_worker(self.distribute_strategy)
+        if self.steps_per_execution == 1 or self.run_eagerly:
+            if not multi_worker:
+                return super()._make_function(step_function)
+            step, unpack = self._packed_logs(step_function)
+            function = super()._make_function(step)
+            return lambda iterator: unpack(function(iterator))
+        step, unpack = self._packed_logs(step_function) if multi_worker else (
+            step_function, lambda logs: logs)
+        strategy = self.distribute_strategy
+        # One step on every replica (XLA-compiled if the model is), traced once
+        # and called both inside the loop and for the last step.
+        run_step = tf.function(lambda data: strategy.run(step, args=(data,)),
+                               reduce_retracing=True, jit_compile=self.jit_compile)
+
+        def one_step(data):
+            return reduce_per_replica(run_step(data), strategy, "auto")
+
+        single_steps = self._single_steps_function(one_step, unpack)
+        if step_function != self.train_step:
+            return single_steps
+
+        @tf.function
+        def steps_in_graph(iterator, n):
+            # Steps 1 .. n-1 keep only their effects (variables); step n's logs
+            # are returned.
+            def body(i):
+                run_step(next(iterator))
+                return i + 1
+            tf.while_loop(lambda i: i < n - 1, body, [tf.constant(0)])
+            return one_step(next(iterator))
+
+        def function(iterator):
+            if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+                return single_steps(iterator)  # train_on_batch's generator
+            n = self.steps_per_execution
+            position = getattr(self, "_epoch_position", None)
+            if position is not None and position.steps:
+                n = min(n, position.steps - position.begin)
+            return unpack(steps_in_graph(iterator, tf.constant(n, tf.int32)))
+
+        return function
+
+    def _single_steps_function(self, one_step, unpack):
+        """Up to ``steps_per_execution`` one-step calls: the last call's logs,
+        or StopIteration when the data ended before the first."""
+        on_iterator = tf.function(lambda iterator: one_step(iterator.get_next()))
+        on_data = tf.function(one_step)
+
+        def function(iterator):
+            is_tf = isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator))
+            logs = None
+            for _ in range(self.steps_per_execution):
+                try:
+                    logs = on_iterator(iterator) if is_tf else on_data(next(iterator))
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+            if logs is None:
+                raise StopIteration
+            return unpack(logs)
+
+        return function
+
+    def _packed_logs(self, step_function):
+        """(step, unpack): ``step`` returns ``step_function``'s scalar logs as
+        one [1, n] tensor under ``_PACKED_LOGS``; ``unpack`` restores the dict."""
         keys = {}  # names of the logs in the order the step returns them (set at trace)
 
         def packed_step(data):
@@ -110,16 +217,59 @@ class SSLModel(keras.Model):
                     tf.stack([tf.cast(logs[k], tf.float32) for k in keys["packed"]]), [1, -1])
             return out
 
-        function = super()._make_function(packed_step)
-
-        def unpacking_function(iterator):
-            logs = function(iterator)
+        def unpack(logs):
             if not isinstance(logs, dict) or _PACKED_LOGS not in logs:
                 return logs
             values = dict(zip(keys["packed"], tf.unstack(tf.reshape(logs[_PACKED_LOGS], [-1]))))
             return {k: values[k] if k in values else logs[k] for k in keys["all"]}
 
-        return unpacking_function
+        return packed_step, unpack
+
+    def get_metrics_result(self):
+        """``{name: value}`` of ``self.metrics`` (what ``fit`` logs per epoch).
+
+        Upstream behaviour (Keras 3.8-3.15, ``Trainer.get_metrics_result``):
+        each metric's ``result()`` reads its sync-on-read variables, and under
+        a multi-worker strategy every read is its own eager cross-worker
+        all-reduce (2 per ``Mean``; 16 per epoch for a supervised model, about
+        3 ms each over loopback). Under multi-worker the ``total`` and
+        ``count`` of every ``keras.metrics.Mean`` (trackers, accuracies) are
+        summed over all replicas in one collective and divided here; other
+        metrics keep Keras's path.
+        """
+        strategy = self.distribute_strategy
+        means = [m for m in self.metrics if isinstance(m, keras.metrics.Mean)]
+        if not distribute.is_multi_worker(strategy) or not means:
+            return super().get_metrics_result()
+        parts = [v for m in means for v in (m.total, m.count)]
+        sums = strategy.experimental_local_results(self._summed_over_replicas(parts))[0].numpy()
+        out, k = {}, 0
+        for m in self.metrics:
+            if m in means:
+                total, count = sums[k], sums[k + 1]
+                out[m.name] = total / count if count else 0.0 * total
+                k += 2
+            else:
+                result = m.result()
+                out.update(result if isinstance(result, dict) else {m.name: result})
+        return out
+
+    def _summed_over_replicas(self, variables):
+        """[len(variables)] float32: each (scalar) variable summed over all
+        replicas of all workers, in one all-reduce."""
+        fn = getattr(self, "_sum_function", None)
+        if fn is None or fn.size != len(variables):
+            strategy = self.distribute_strategy
+
+            @tf.function
+            def summed(vs):
+                def local():
+                    x = tf.stack([tf.cast(tf.reshape(v, []), tf.float32) for v in vs])
+                    return tf.distribute.get_replica_context().all_reduce("SUM", x)
+                return strategy.run(local)
+
+            fn = self._sum_function = types.SimpleNamespace(size=len(variables), run=summed)
+        return fn.run(variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Upstream behaviour (Keras 3.8-3.15, TensorFlowTrainer._maybe_symbolic_build):
