@@ -29,6 +29,9 @@ gradients' size between the workers (the collective share of a step):
     python scripts/benchmark.py --mode=multi_worker --method=supervised \
         --backbone=wrn28_2 --batch_size=64 --num_workers=2 --threads=2
 
+``--norandom_step`` runs the digits part only; ``--digits_args`` passes flags to
+it (e.g. ``--digits_args=--steps_per_execution=8``).
+
 Mode ``sinkhorn``: tfssl's Sinkhorn-Knopp against the official float64 NumPy
 loop on random logits, for each of ``--sinkhorn_sizes``: iterations, seconds
 per iteration of the first call (all-in: compilation, warm-up, kernel build,
@@ -90,6 +93,8 @@ flags.DEFINE_string("result_json", "", "throughput: write the result here instea
 flags.DEFINE_integer("num_workers", 2, "multi_worker: worker processes.")
 flags.DEFINE_integer("threads", 2, "multi_worker: CPU threads in all (split over the workers).")
 flags.DEFINE_integer("digits_epochs", 5, "multi_worker: epochs of the digits run.")
+flags.DEFINE_boolean("random_step", True, "multi_worker: also time the random-tensor step "
+                     "(--backbone etc.), not only the digits run.")
 flags.DEFINE_list("digits_args", [], "multi_worker: extra train.py flags of the digits run "
                   "(e.g. --sela_nopts=5).")
 F = flags.FLAGS
@@ -366,22 +371,25 @@ def multi_worker_bench():
               "--mode=throughput", *[f"--method_arg={a}" for a in F.method_arg]]
     env1 = launch.worker_env({}, F.threads)
     env1.pop("TF_CONFIG")
-    one_json, many_json = os.path.join(out, "one.json"), os.path.join(out, "many.json")
-    subprocess.run(me + common + [f"--result_json={one_json}"], check=True, env=env1, cwd=ROOT)
-    rc = launch.launch(F.num_workers, me + common + ["--strategy=multi_worker",
-                                                     f"--result_json={many_json}"],
-                       os.path.join(out, "logs"), threads_per_worker=per, stream_chief=False)
-    if rc:
-        raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs")
-    one, many = json.load(open(one_json)), json.load(open(many_json))
-    setup = (f"{F.backbone} {F.image_size}px B={one.get('labeled_batch', F.batch_size)} "
-             f"B_u={F.unlabeled_batch_size}"
-             f"{', ' + F.optimizer if F.optimizer != 'sgd' else ''}, random tensors")
-    rows = [f"| {datetime.date.today()} | {_commit()} | {F.method} | {setup} | 1 ({F.threads}) | "
-            f"{F.num_workers} ({per}) | {one['step_s']:.3f} s / {one['images_per_s']:.1f} | "
-            f"{many['step_s']:.3f} s / {many['images_per_s']:.1f} | "
-            f"{many['images_per_s'] / one['images_per_s']:.2f} | {many['allreduce_s']:.3f} s "
-            f"({many['allreduce_s'] / many['step_s']:.0%}) | {F.note or '-'} |\n"]
+    rows = []
+    if F.random_step:
+        one_json, many_json = os.path.join(out, "one.json"), os.path.join(out, "many.json")
+        subprocess.run(me + common + [f"--result_json={one_json}"], check=True, env=env1, cwd=ROOT)
+        rc = launch.launch(F.num_workers, me + common + ["--strategy=multi_worker",
+                                                         f"--result_json={many_json}"],
+                           os.path.join(out, "logs"), threads_per_worker=per, stream_chief=False)
+        if rc:
+            raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs")
+        one, many = json.load(open(one_json)), json.load(open(many_json))
+        setup = (f"{F.backbone} {F.image_size}px B={one.get('labeled_batch', F.batch_size)} "
+                 f"B_u={F.unlabeled_batch_size}"
+                 f"{', ' + F.optimizer if F.optimizer != 'sgd' else ''}, random tensors")
+        rows += [f"| {datetime.date.today()} | {_commit()} | {F.method} | {setup} | "
+                 f"1 ({F.threads}) | {F.num_workers} ({per}) | "
+                 f"{one['step_s']:.3f} s / {one['images_per_s']:.1f} | "
+                 f"{many['step_s']:.3f} s / {many['images_per_s']:.1f} | "
+                 f"{many['images_per_s'] / one['images_per_s']:.2f} | {many['allreduce_s']:.3f} s "
+                 f"({many['allreduce_s'] / many['step_s']:.0%}) | {F.note or '-'} |\n"]
     # The digits run: scripts/train.py end to end (input pipeline included).
     flags_run = [f"--flagfile={os.path.join(ROOT, F.flagfile_to_run)}", f"--method={F.method}",
                  f"--epochs={F.digits_epochs}", "--eval_every=1000", "--export_dir=", "--verbose=0",
@@ -398,7 +406,10 @@ def multi_worker_bench():
     a = json.load(open(f"{out}/one/summary.json"))
     b = json.load(open(f"{out}/many/summary.json"))
     steps = a["global_steps"]
-    n_prof = PROFILED[1] - PROFILED[0] + 1
+    # Profiled batches are calls of the train function (--steps_per_execution
+    # steps each, fewer at an epoch's end).
+    n_prof = _steps_in_calls(PROFILED, steps // F.digits_epochs,
+                             int(a["flags"].get("steps_per_execution") or 1))
     one_ms, _, _ = _profile(f"{out}/one/tensorboard", n_prof)
     many_ms, coll_ms, ops_ms = _profile(f"{out}/many/tensorboard", n_prof)
     # The same global batch per step: the steady-state throughput ratio is one_ms / many_ms.
@@ -421,6 +432,14 @@ def multi_worker_bench():
 
 
 PROFILED = (5, 10)  # digits batches traced in both runs of multi_worker (the chief's trace)
+
+
+def _steps_in_calls(calls, steps_per_epoch, steps_per_execution):
+    """Training steps in the train-function calls ``calls = (first, last)``
+    (1-based over the run), each epoch's calls being N, N, ..., the rest."""
+    sizes = [min(steps_per_execution, steps_per_epoch - k)
+             for k in range(0, steps_per_epoch, steps_per_execution)]
+    return sum(sizes[(c - 1) % len(sizes)] for c in range(calls[0], calls[1] + 1))
 
 
 def _profile(logdir, steps):
