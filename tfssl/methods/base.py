@@ -105,7 +105,7 @@ class SSLModel(keras.Model):
 
         callbacks = args.get("callbacks") or []
         if isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks.append(StepPosition())
+            callbacks.callbacks.append(StepPosition())
         else:
             callbacks = list(callbacks) + [StepPosition()]
         args["callbacks"] = callbacks
@@ -149,9 +149,16 @@ class SSLModel(keras.Model):
         strategy = self.distribute_strategy
         # One step on every replica (XLA-compiled if the model is), traced once
         # and called both inside the loop and for the last step.
-        run_step = tf.function(lambda data: strategy.run(step, args=(data,)),
-                               reduce_retracing=True, jit_compile=self.jit_compile)
+        # As Keras's own functions, these are not autograph-converted: the
+        # step is traced as written (and conversion of a method's whole call
+        # tree costs seconds of tracing).
+        @tf.autograph.experimental.do_not_convert
+        def replica_step(data):
+            return strategy.run(step, args=(data,))
 
+        run_step = tf.function(replica_step, reduce_retracing=True, jit_compile=self.jit_compile)
+
+        @tf.autograph.experimental.do_not_convert
         def one_step(data):
             return reduce_per_replica(run_step(data), strategy, "auto")
 
@@ -159,15 +166,15 @@ class SSLModel(keras.Model):
         if step_function != self.train_step:
             return single_steps
 
-        @tf.function
+        @tf.function(autograph=False)
         def steps_in_graph(iterator, n):
             # Steps 1 .. n-1 keep only their effects (variables); step n's logs
             # are returned.
             def body(i):
-                run_step(next(iterator))
+                run_step(iterator.get_next())
                 return i + 1
             tf.while_loop(lambda i: i < n - 1, body, [tf.constant(0)])
-            return one_step(next(iterator))
+            return one_step(iterator.get_next())
 
         def function(iterator):
             if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
@@ -183,8 +190,8 @@ class SSLModel(keras.Model):
     def _single_steps_function(self, one_step, unpack):
         """Up to ``steps_per_execution`` one-step calls: the last call's logs,
         or StopIteration when the data ended before the first."""
-        on_iterator = tf.function(lambda iterator: one_step(iterator.get_next()))
-        on_data = tf.function(one_step)
+        on_iterator = tf.function(lambda iterator: one_step(iterator.get_next()), autograph=False)
+        on_data = tf.function(one_step, autograph=False)
 
         def function(iterator):
             is_tf = isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator))
@@ -261,7 +268,7 @@ class SSLModel(keras.Model):
         if fn is None or fn.size != len(variables):
             strategy = self.distribute_strategy
 
-            @tf.function
+            @tf.function(autograph=False)
             def summed(vs):
                 def local():
                     x = tf.stack([tf.cast(tf.reshape(v, []), tf.float32) for v in vs])
