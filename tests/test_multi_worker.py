@@ -67,6 +67,24 @@ def test_packed_logs_unpack_to_the_same_logs(monkeypatch):
         np.testing.assert_allclose(packed[k], plain[k], rtol=1e-6)
 
 
+def test_packed_epoch_metrics_equal_keras_reads(monkeypatch):
+    # SSLModel.get_metrics_result's multi-worker path (every Mean's total and
+    # count in one all-reduce), run in one process, gives Keras's values for
+    # the train trackers and the (evaluated) test metrics alike.
+    build, dataset = testing._load_case(f"{CASES}:supervised")()
+    model = build()
+    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+    # (evaluate would reset the train trackers: update the test metrics here.)
+    model.eval_loss.update_state([0.5, 0.9, 0.4])
+    model.eval_top1.update_state([1, 2, 3], np.eye(10)[[1, 2, 4]])
+    plain = {k: float(v) for k, v in model.get_metrics_result().items()}
+    monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy=None: True)
+    packed = {k: float(v) for k, v in model.get_metrics_result().items()}
+    assert list(packed) == list(plain) and len(plain) == 4
+    assert all(v != 0 for v in plain.values())
+    np.testing.assert_allclose(list(packed.values()), list(plain.values()), rtol=1e-6)
+
+
 # Tolerances: PAWS's case uses tau = T = 0.5 (multi_worker_cases.paws). With
 # the defaults 0.1 and 0.25 the sharpened soft nearest neighbours amplified
 # float differences up to 7e-3 across workers on an Intel host, too close to

@@ -446,9 +446,14 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
                                                   double_checkpoint=True),
                  *([_SameResumePoint()] if multi_worker else []),
+                 # Only the chief traces --profile_batches: the other workers'
+                 # logs are discarded, and stopping the profiler on a second
+                 # worker crashed it (SIGSEGV / SIGABRT in profiler_v2.stop, 2
+                 # of 12 two-worker runs on 2026-12-02).
                  keras.callbacks.TensorBoard(
                      os.path.join(cfg.workdir, "tensorboard"),
-                     profile_batch=tuple(int(b) for b in cfg.profile_batches) or 0),
+                     profile_batch=(tuple(int(b) for b in cfg.profile_batches) or 0)
+                     if distribute.is_chief(strategy) else 0),
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]
     verbose = cfg.verbose

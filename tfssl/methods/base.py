@@ -148,10 +148,9 @@ class SSLModel(keras.Model):
             step_function, lambda logs: logs)
         strategy = self.distribute_strategy
         # One step on every replica (XLA-compiled if the model is), traced once
-        # and called both inside the loop and for the last step.
-        # As Keras's own functions, these are not autograph-converted: the
-        # step is traced as written (and conversion of a method's whole call
-        # tree costs seconds of tracing).
+        # and called both inside the loop and for the last step. As Keras's
+        # own functions, these are not autograph-converted: the step is traced
+        # as written (converting a method's whole call tree cost seconds).
         @tf.autograph.experimental.do_not_convert
         def replica_step(data):
             return strategy.run(step, args=(data,))
