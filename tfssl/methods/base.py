@@ -33,6 +33,8 @@ from tfssl import augment, distribute
 
 # The key under which a multi-worker step returns all its scalar logs at once.
 _PACKED_LOGS = "_tfssl_packed_logs"
+# What fit/evaluate pass the train/test function (train_on_batch passes a generator).
+_ITERATORS = (tf.data.Iterator, tf.distribute.DistributedIterator)
 
 
 class SSLModel(keras.Model):
@@ -176,7 +178,7 @@ class SSLModel(keras.Model):
             return one_step(iterator.get_next())
 
         def function(iterator):
-            if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            if not isinstance(iterator, _ITERATORS):
                 return single_steps(iterator)  # train_on_batch's generator
             n = self.steps_per_execution
             position = getattr(self, "_epoch_position", None)
@@ -193,7 +195,7 @@ class SSLModel(keras.Model):
         on_data = tf.function(one_step, autograph=False)
 
         def function(iterator):
-            is_tf = isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator))
+            is_tf = isinstance(iterator, _ITERATORS)
             logs = None
             for _ in range(self.steps_per_execution):
                 try:
