@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfssl import augment, data, methods, models
 
@@ -155,7 +156,7 @@ def test_steps_per_execution_evaluates_every_batch():
     keras.utils.set_random_seed(0)
     m = methods.Supervised(_encoder(norm="none"), 10)
     rng = np.random.default_rng(0)
-    test = __import__("tensorflow").data.Dataset.from_tensor_slices(
+    test = tf.data.Dataset.from_tensor_slices(
         {"image": rng.uniform(0, 1, [35, 8, 8, 1]).astype("float32"),
          "label": rng.integers(0, 10, [35])}).batch(7)
     results = []
@@ -165,7 +166,7 @@ def test_steps_per_execution_evaluates_every_batch():
         assert int(m.eval_top1.count.numpy()) == 35
     assert results[0] == pytest.approx(results[1], rel=1e-6)
     # fit with a CallbackList of the caller's still runs 3 steps an epoch.
-    train = __import__("tensorflow").data.Dataset.from_tensors(
+    train = tf.data.Dataset.from_tensors(
         {"labeled": {"weak": rng.uniform(0, 1, [4, 8, 8, 1]).astype("float32"),
                      "label": rng.integers(0, 10, [4])}}).repeat()
     m.fit(train, epochs=2, steps_per_epoch=3, verbose=0,
