@@ -37,18 +37,26 @@ def test_keras_behaviour_the_base_model_works_around_is_unchanged():
     assert "metric.result()" in inspect.getsource(base_trainer.Trainer.get_metrics_result)
 
 
-def test_packed_logs_unpack_to_the_same_logs(monkeypatch):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_packed_logs_unpack_to_the_same_logs(monkeypatch, replicas):
     # The multi-worker path of SSLModel._make_function (one packed tensor for
-    # all scalar logs) run in one process: batch and epoch logs have the same
-    # names, order and values as without packing.
+    # all scalar logs, averaged over the replicas inside the step) run in one
+    # process: batch and epoch logs have the same names, order and values as
+    # without packing, on 1 device and on 2 replicas (where a sum that is not
+    # divided by the replica count would double them).
     import keras
+    import tensorflow as tf
+
+    strategy = (testing.mirrored_cpu_strategy(replicas) if replicas > 1
+                else tf.distribute.get_strategy())
 
     def run(packed):
         if packed:
             monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy=None: True)
         build, dataset = testing._load_case(f"{CASES}:supervised")()
         keras.utils.set_random_seed(0)
-        model = build()
+        with strategy.scope():
+            model = build()
         seen = []
         record = keras.callbacks.LambdaCallback(
             on_train_batch_end=lambda b, logs: seen.append(dict(logs)))

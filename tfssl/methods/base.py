@@ -125,11 +125,12 @@ class SSLModel(keras.Model):
         * after every step, under a multi-worker collective strategy, each
           returned log is reduced with its own ``strategy.reduce("MEAN", v,
           axis=0)`` (``reduce_per_replica``). For the scalars every step
-          returns that fails ("Invalid reduction dimension 0") and would cost
-          collectives per log and step. Under multi-worker the step's scalar
-          logs are packed into one [1, n] tensor, reduced once (the mean over
-          the workers, as Keras does for each log) and unpacked before
-          callbacks see them.
+          returns that fails ("Invalid reduction dimension 0"), and for a
+          tensor it costs two collectives (the sum, then the count along the
+          axis). Under multi-worker the step's scalar logs are packed into
+          one [1, n] tensor, summed over the replicas by one all-reduce inside
+          the step and divided by their number (the mean Keras takes), and
+          unpacked before callbacks see them.
         * with ``steps_per_execution`` N > 1, Keras's in-graph loop over
           ``iterator.get_next_as_optional()`` fails under the multi-worker
           strategy (an InvalidArgumentError at a ``while/cond`` placeholder)
@@ -140,13 +141,13 @@ class SSLModel(keras.Model):
           function makes up to N one-step calls.
         """
         multi_worker = distribute.is_multi_worker(self.distribute_strategy)
-        if self.steps_per_execution == 1 or self.run_eagerly:
+        if self.run_eagerly or (self.steps_per_execution == 1 and not multi_worker):
             if not multi_worker:
                 return super()._make_function(step_function)
-            step, unpack = self._packed_logs(step_function)
+            step, unpack = self._packed_logs(step_function, in_step=False)
             function = super()._make_function(step)
             return lambda iterator: unpack(function(iterator))
-        step, unpack = self._packed_logs(step_function) if multi_worker else (
+        step, unpack = self._packed_logs(step_function, in_step=True) if multi_worker else (
             step_function, lambda logs: logs)
         strategy = self.distribute_strategy
         # One step on every replica (XLA-compiled if the model is), traced once
@@ -161,10 +162,17 @@ class SSLModel(keras.Model):
 
         @tf.autograph.experimental.do_not_convert
         def one_step(data):
-            return reduce_per_replica(run_step(data), strategy, "auto")
+            logs = run_step(data)
+            if not isinstance(logs, dict) or _PACKED_LOGS not in logs:
+                return reduce_per_replica(logs, strategy, "auto")
+            # Already the mean over all replicas (in the step), the same on each.
+            out = reduce_per_replica({k: v for k, v in logs.items() if k != _PACKED_LOGS},
+                                     strategy, "auto")
+            out[_PACKED_LOGS] = strategy.experimental_local_results(logs[_PACKED_LOGS])[0]
+            return out
 
         single_steps = self._single_steps_function(one_step, unpack)
-        if step_function != self.train_step:
+        if step_function != self.train_step or self.steps_per_execution == 1:
             return single_steps
 
         @tf.function(autograph=False)
@@ -208,9 +216,10 @@ class SSLModel(keras.Model):
 
         return function
 
-    def _packed_logs(self, step_function):
+    def _packed_logs(self, step_function, in_step: bool):
         """(step, unpack): ``step`` returns ``step_function``'s scalar logs as
-        one [1, n] tensor under ``_PACKED_LOGS``; ``unpack`` restores the dict."""
+        one [1, n] tensor under ``_PACKED_LOGS``, already averaged over all
+        replicas (one all-reduce) if ``in_step``; ``unpack`` restores the dict."""
         keys = {}  # names of the logs in the order the step returns them (set at trace)
 
         def packed_step(data):
@@ -221,8 +230,12 @@ class SSLModel(keras.Model):
             keys["packed"] = [k for k, v in logs.items() if tf.is_tensor(v) and v.shape.rank == 0]
             out = {k: v for k, v in logs.items() if k not in keys["packed"]}
             if keys["packed"]:
-                out[_PACKED_LOGS] = tf.reshape(
+                packed = tf.reshape(
                     tf.stack([tf.cast(logs[k], tf.float32) for k in keys["packed"]]), [1, -1])
+                if in_step:
+                    ctx = tf.distribute.get_replica_context()
+                    packed = ctx.all_reduce("SUM", packed) / ctx.num_replicas_in_sync
+                out[_PACKED_LOGS] = packed
             return out
 
         def unpack(logs):
