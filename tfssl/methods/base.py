@@ -277,20 +277,28 @@ class SSLModel(keras.Model):
 
     def _summed_over_replicas(self, variables):
         """[len(variables)] float32: each (scalar) variable summed over all
-        replicas of all workers, in one all-reduce."""
+        replicas of all workers, in one all-reduce.
+
+        The variables are captured, not passed: a sync-on-read variable passed
+        to a ``tf.function`` is read in cross-replica context on the way in,
+        an eager all-reduce per variable (measured: 20 of them, about 3 ms
+        each, at every epoch end). Read inside ``strategy.run`` each replica
+        sees its local value."""
+        key = tuple(id(v) for v in variables)
         fn = getattr(self, "_sum_function", None)
-        if fn is None or fn.size != len(variables):
+        if fn is None or fn.key != key:
             strategy = self.distribute_strategy
+            vs = list(variables)
 
             @tf.function(autograph=False)
-            def summed(vs):
+            def summed():
                 def local():
                     x = tf.stack([tf.cast(tf.reshape(v, []), tf.float32) for v in vs])
                     return tf.distribute.get_replica_context().all_reduce("SUM", x)
                 return strategy.run(local)
 
-            fn = self._sum_function = types.SimpleNamespace(size=len(variables), run=summed)
-        return fn.run(variables)
+            fn = self._sum_function = types.SimpleNamespace(key=key, run=summed)
+        return fn.run()
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Upstream behaviour (Keras 3.8-3.15, TensorFlowTrainer._maybe_symbolic_build):
