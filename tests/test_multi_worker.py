@@ -35,6 +35,12 @@ def test_keras_behaviour_the_base_model_works_around_is_unchanged():
     from keras.src.trainers import trainer as base_trainer
 
     assert "metric.result()" in inspect.getsource(base_trainer.Trainer.get_metrics_result)
+    # Keras resets each metric with assign(0), which reads the variable back
+    # (SSLModel.reset_metrics zeroes the replicas' values instead).
+    import keras
+
+    assert "m.reset_state()" in inspect.getsource(base_trainer.Trainer.reset_metrics)
+    assert "self.total.assign(0)" in inspect.getsource(keras.metrics.Mean.reset_state)
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -91,6 +97,46 @@ def test_packed_epoch_metrics_equal_keras_reads(monkeypatch):
     assert list(packed) == list(plain) and len(plain) == 4
     assert all(v != 0 for v in plain.values())
     np.testing.assert_allclose(list(packed.values()), list(plain.values()), rtol=1e-6)
+
+
+def test_multi_worker_reset_zeroes_every_replica_without_cross_replica_reads(monkeypatch):
+    # SSLModel.reset_metrics's multi-worker path, run in one process on 2
+    # mirrored replicas: every replica's total and count of every Mean are
+    # zero afterwards, with no cross-replica reduce (Keras's path reads each
+    # variable back, an eager all-reduce per variable under multi-worker).
+    import tensorflow as tf
+
+    strategy = testing.mirrored_cpu_strategy(2)
+    build, dataset = testing._load_case(f"{CASES}:supervised")()
+    with strategy.scope():
+        model = build()
+    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+    rng = np.random.default_rng(0)
+    test = tf.data.Dataset.from_tensor_slices(
+        {"image": rng.uniform(0, 1, [8, 8, 8, 1]).astype("float32"),
+         "label": rng.integers(0, 10, [8])}).batch(4)
+    model.evaluate(test, verbose=0)  # (also resets the train trackers: update them here)
+    tf.function(lambda: strategy.run(
+        lambda: [m.update_state([1.0, 3.0]) for m in model._train_trackers]))()
+    variables = [v for m in model.metrics for v in (m.total, m.count)]
+    local = lambda: [float(x) for v in variables  # noqa: E731
+                     for x in strategy.experimental_local_results(v.value)]
+    counts = local()[2::4] + local()[3::4]  # [total r0, total r1, count r0, count r1] per Mean
+    assert len(model.metrics) == 4 and all(counts)
+
+    reduces = []
+    extended = type(strategy.extended)
+    reduce_to = extended._reduce_to
+    monkeypatch.setattr(extended, "_reduce_to",
+                        lambda self, *a, **k: reduces.append(1) or reduce_to(self, *a, **k))
+    monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy=None: True)
+    model.reset_metrics()
+    assert local() == [0.0] * 16 and reduces == []
+    # Keras's path on the same model does read back (what the override avoids).
+    monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy=None: False)
+    reduces.clear()
+    model.reset_metrics()
+    assert local() == [0.0] * 16 and len(reduces) >= 4
 
 
 # Tolerances: PAWS's case uses tau = T = 0.5 (multi_worker_cases.paws). With
