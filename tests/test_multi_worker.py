@@ -158,6 +158,56 @@ def test_two_workers_match_one_process(case, tmp_path):
         assert labels and all((w[labels[0]] == one[labels[0]]).all() for w in workers)
 
 
+THREAD_COUNT = """
+import json, os, sys
+import tensorflow as tf
+from tfssl import distribute
+
+def collective_threads():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read().strip())
+        except OSError:  # the thread ended
+            pass
+    return names.count("collective_ops")
+
+strategy = distribute.make_strategy("multi_worker")
+x = tf.ones([1000])
+step = tf.function(lambda: strategy.run(
+    lambda: tf.distribute.get_replica_context().all_reduce("SUM", x)))
+for _ in range(5):
+    step()
+before = collective_threads()
+for _ in range(40):
+    step()
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+with open(os.path.join(sys.argv[1], f"threads{task}.json"), "w") as f:
+    json.dump([before, collective_threads()], f)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+def test_collectives_do_not_leak_threads(tmp_path):
+    # Upstream behaviour (TF 2.21): with CommunicationOptions(timeout_seconds=...)
+    # every collective call left two "collective_ops" threads behind (80 here,
+    # and 4 per training step). The library's multi-worker strategy must not.
+    import sys
+
+    from tfssl import launch
+
+    script = tmp_path / "threads.py"
+    script.write_text(THREAD_COUNT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    rc = launch.launch(2, [sys.executable, str(script), str(tmp_path)], str(tmp_path / "logs"),
+                       threads_per_worker=1, stream_chief=False, timeout_s=120, env=env)
+    assert rc == 0, (tmp_path / "logs" / "worker0.log").read_text()[-3000:]
+    for task in (0, 1):
+        before, after = json.loads((tmp_path / f"threads{task}.json").read_text())
+        assert after - before <= 2, (task, before, after)
+
+
 @pytest.mark.parametrize("raw,msg", [
     (None, "TF_CONFIG environment variable, which is not set"),
     ("{not json", "not valid JSON"),
