@@ -25,12 +25,13 @@ TF_CONFIG_EXAMPLE = (
 
 # No collective timeout (CommunicationOptions.timeout_seconds). Upstream
 # behaviour (TF 2.21): with a timeout, every collective call starts two
-# "collective_ops" threads that never exit; 4 per training step, so an
-# ImageNet-sized epoch would exhaust the process's memory maps (vm.max_map_count,
-# 65530 here) within about 8k steps (measured: 86 more threads per digits epoch
-# of 21 steps). A lost peer is detected without it: the coordination service's
-# heartbeats abort the collectives (measured: the survivor exits 1.3-1.5 s after
-# a kill -9 of either worker, 9.6 s after a SIGSTOP; tested by
+# "collective_ops" threads that never exit, 4 per training step (measured: 86
+# more threads per digits epoch of 21 steps). Two workers calling one
+# all-reduce in a loop aborted here ("std::system_error: Resource temporarily
+# unavailable") after 8,000-10,000 calls (16k-20k threads), that is after
+# 4,000-5,000 training steps: within the first ImageNet epoch at batch 256. A lost peer is detected without it: the coordination
+# service's heartbeats abort the collectives (measured: the survivor exits
+# 1.3-1.5 s after a kill -9 of either worker, 9.6 s after a SIGSTOP; tested by
 # test_killed_worker_stops_the_other_and_a_rerun_resumes).
 
 # Gradients are all-reduced in packs of up to this many bytes: one collective
