@@ -20,7 +20,9 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_integer("num_workers", 2, "Worker processes to start.")
 flags.DEFINE_integer("threads_per_worker", 0,
-                     "CPU threads per worker (0: TensorFlow's default, all cores each).")
+                     "CPU threads per worker (0: TensorFlow's default, all cores each). When "
+                     "the machine has num_workers x this many CPUs, each worker is also bound "
+                     "to CPUs of its own.")
 flags.DEFINE_string("worker_logs", "runs/launch_logs", "Where the non-chief workers' logs go.")
 flags.DEFINE_float("timeout_s", 0, "Kill every worker after this many seconds (0: no limit).")
 F = flags.FLAGS

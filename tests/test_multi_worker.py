@@ -254,6 +254,37 @@ def test_local_tf_configs():
         distribute.parse_tf_config(json.dumps(c))
 
 
+def test_worker_cpus(monkeypatch):
+    from tfssl import launch
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 5}, raising=False)
+    assert launch.worker_cpus(2, 1) == [[0], [1]]
+    assert launch.worker_cpus(2, 2) == [[0, 1], [2, 5]]
+    assert launch.worker_cpus(3, 2) is None  # not enough CPUs: no binding
+    assert launch.worker_cpus(2, None) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="binds workers to CPUs of their own (Linux, 2 or more CPUs)")
+def test_launched_workers_are_bound_to_their_own_cpus(tmp_path):
+    import sys
+
+    from tfssl import launch
+
+    show = ("import json, os, sys; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+            "open(os.path.join(sys.argv[1], f'cpus{i}'), 'w').write("
+            "json.dumps([sorted(os.sched_getaffinity(0)), sys.argv[2:]]))")
+    command = [sys.executable, "-c", show, str(tmp_path), "--a=1", "b"]
+    assert launch.launch(2, command, str(tmp_path / "logs"), threads_per_worker=1,
+                         stream_chief=False, timeout_s=60) == 0
+    seen = [json.loads((tmp_path / f"cpus{i}").read_text()) for i in (0, 1)]
+    assert [s[0] for s in seen] == launch.worker_cpus(2, 1)
+    assert all(s[1] == ["--a=1", "b"] for s in seen)  # the command's own arguments
+    assert launch.launch(2, command, str(tmp_path / "logs"), stream_chief=False, timeout_s=60) == 0
+    assert all(json.loads((tmp_path / f"cpus{i}").read_text())[0]
+               == sorted(os.sched_getaffinity(0)) for i in (0, 1))  # no threads given: unbound
+
+
 def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     import subprocess
     import sys

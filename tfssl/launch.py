@@ -53,6 +53,29 @@ def worker_env(tf_config: Dict, threads: Optional[int] = None,
     return env
 
 
+def worker_cpus(num_workers: int, threads: Optional[int]) -> Optional[List[List[int]]]:
+    """The CPUs each worker is bound to: ``threads`` CPUs of its own, from the
+    ones this process may use, when ``threads`` is set and enough CPUs exist;
+    else None (no binding; Linux only).
+
+    Measured on 2 cores, digits, 2 workers x 1 thread: bound, the steady epoch
+    ran 0.61-0.86x the one-process speed, unbound 0.55-0.61x (4 interleaved
+    pairs): each worker's input pipeline and collectives then stop competing
+    for the other worker's core."""
+    if not threads or not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if num_workers * threads > len(cpus):
+        return None
+    return [cpus[i * threads:(i + 1) * threads] for i in range(num_workers)]
+
+
+# Run by ``python -c``: binds itself to the CPUs in argv[1], then becomes the
+# command in argv[2:] (the binding outlives exec; every thread TF starts inherits it).
+_BIND = ("import os, sys; os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
+         "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
 def start(num_workers: int, command: Sequence[str], log_dir: str,
           threads_per_worker: Optional[int] = None, pipe_chief: bool = False,
           env: Optional[Dict[str, str]] = None):
@@ -61,16 +84,21 @@ def start(num_workers: int, command: Sequence[str], log_dir: str,
     ``pipe_chief``, else ``<log_dir>/worker0.log``."""
     os.makedirs(log_dir, exist_ok=True)
     procs, logs = [], []
+    bindings = worker_cpus(num_workers, threads_per_worker)
     for i, tf_config in enumerate(local_tf_configs(num_workers)):
         e = worker_env(tf_config, threads_per_worker, env)
+        if bindings:
+            command_i = [sys.executable, "-c", _BIND, ",".join(map(str, bindings[i])), *command]
+        else:
+            command_i = list(command)
         if i == 0 and pipe_chief:
-            procs.append(subprocess.Popen(command, env=e, stdout=subprocess.PIPE,
+            procs.append(subprocess.Popen(command_i, env=e, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, bufsize=1))
             logs.append(None)
         else:
             f = open(os.path.join(log_dir, f"worker{i}.log"), "w")
             logs.append(f)
-            procs.append(subprocess.Popen(command, env=e, stdout=f, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(command_i, env=e, stdout=f, stderr=subprocess.STDOUT))
     return procs, logs
 
 
@@ -84,7 +112,9 @@ def launch(num_workers: int, command: Sequence[str], log_dir: str,
       num_workers: N worker processes; worker 0 is the chief.
       command: the argv every worker runs (``TF_CONFIG`` differs per worker).
       log_dir: where ``worker<i>.log`` files go (the chief's too, when not streamed).
-      threads_per_worker: CPU threads each worker may use (None: TF's default).
+      threads_per_worker: CPU threads each worker may use (None: TF's default);
+        each worker is also bound to that many CPUs of its own when the
+        machine has enough (``worker_cpus``).
       stream_chief: copy the chief's output to this process's stdout as it comes.
       timeout_s: kill every worker after this many seconds (exit code 124).
       env: the base environment (default: this process's).
