@@ -184,6 +184,12 @@ def test_relabel_pass_is_distributed_and_gathered_by_index():
     cb.set_model(m)
     got = cb._features()
     np.testing.assert_allclose(got, m.encoder(x).numpy(), rtol=1e-5, atol=1e-6)
+    # The pass is traced once and reused: a later pass sees the current weights.
+    embed = cb._embed_function(m)
+    for w in m.encoder.trainable_weights:
+        w.assign(w * 0.5 + 0.1)
+    np.testing.assert_allclose(cb._features(), m.encoder(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert cb._embed_function(m) is embed and not np.allclose(got, cb._features())
 
 
 def test_relabel_mode_train_runs_the_network_in_training_mode():

@@ -296,20 +296,7 @@ class Relabel(keras.callbacks.Callback):
         training mode those zero rows enter the last batch's statistics."""
         model = self.model
         strategy = model.distribute_strategy
-        training = getattr(model, "relabel_mode", "eval") == "train"
-        enc = model.encoder
-
-        @tf.function(reduce_retracing=True)
-        def embed(batch, rows):
-            def fn(b):
-                x, i = b["image"], b["index"]
-                pad = rows - tf.shape(x)[0]
-                x = tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1))
-                i = tf.pad(i, [[0, pad]], constant_values=-1)
-                return tf.cast(enc(x, training=training), tf.float32), i
-            f, i = strategy.run(fn, (batch,))
-            return strategy.gather(f, axis=0), strategy.gather(i, axis=0)
-
+        embed = self._embed_function(model)
         if callable(self.data) and distribute.is_multi_worker(strategy):
             batches = strategy.distribute_datasets_from_function(self.data)
         else:
@@ -329,6 +316,30 @@ class Relabel(keras.callbacks.Callback):
         if not seen.all():
             raise ValueError(f"the relabelling pass saw {seen.sum()} of {len(seen)} images.")
         return feats
+
+    def _embed_function(self, model):
+        """(batch, rows) -> gathered (features, indices) of a distributed
+        batch, traced once per model and mode (not at every relabelling)."""
+        training = getattr(model, "relabel_mode", "eval") == "train"
+        key = (id(model), id(model.distribute_strategy), training)
+        cached = getattr(self, "_embed", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        strategy, enc = model.distribute_strategy, model.encoder
+
+        @tf.function(reduce_retracing=True)
+        def embed(batch, rows):
+            def fn(b):
+                x, i = b["image"], b["index"]
+                pad = rows - tf.shape(x)[0]
+                x = tf.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1))
+                i = tf.pad(i, [[0, pad]], constant_values=-1)
+                return tf.cast(enc(x, training=training), tf.float32), i
+            f, i = strategy.run(fn, (batch,))
+            return strategy.gather(f, axis=0), strategy.gather(i, axis=0)
+
+        self._embed = (key, embed)
+        return embed
 
     def on_train_batch_begin(self, batch, logs=None):
         seen = int(self.model.optimizer.iterations.numpy()) * self.global_batch
