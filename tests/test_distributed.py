@@ -83,6 +83,51 @@ def test_all_gather_and_mean_across_replicas():
     np.testing.assert_array_equal(distribute.all_gather(tf.ones([3])), np.ones(3))
 
 
+def test_all_gather_many_equals_one_gather_per_tensor_with_one_collective_per_dtype(
+        monkeypatch):
+    # distribute.all_gather_many: per tensor the same values, shapes and
+    # dtypes as ReplicaContext.all_gather, on 2 replicas (shapes [3, 2, 2],
+    # [5] int64 and [4]); one ReplicaContext.all_gather call per dtype.
+    strategy = testing.mirrored_cpu_strategy(2)
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.uniform(size=[2, 3, 2, 2]).astype("float32"))
+    b = tf.constant(rng.integers(-1, 1000, [2, 5]))
+    c = tf.constant(rng.uniform(size=[2, 4]).astype("float32"))
+    calls = []
+    gather = tf.distribute.ReplicaContext.all_gather
+
+    def counting(self, value, axis, options=None):
+        calls.append(value.dtype)
+        return gather(self, value, axis, options)
+
+    @tf.function
+    def run(fused):
+        def fn():
+            ctx = tf.distribute.get_replica_context()
+            parts = [tf.gather(t, ctx.replica_id_in_sync_group) for t in (a, b, c)]
+            if fused:
+                return distribute.all_gather_many(parts)
+            return [gather(ctx, t, 0) for t in parts]
+        return strategy.run(fn)
+
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather", counting)
+    got = run(True)
+    # one call per dtype on each replica
+    assert len(calls) == 4 and calls.count(tf.float32) == calls.count(tf.int64) == 2
+    want = run(False)
+    for g, w, t in zip(got, want, (a, b, c)):
+        for gl, wl in zip(strategy.experimental_local_results(g),
+                          strategy.experimental_local_results(w)):
+            assert gl.dtype == wl.dtype and gl.shape == wl.shape == [2 * t.shape[1]] + t.shape[2:]
+            np.testing.assert_array_equal(gl.numpy(), wl.numpy())
+        np.testing.assert_array_equal(strategy.experimental_local_results(g)[0],
+                                      tf.reshape(t, [-1] + t.shape[2:].as_list()))
+    # One device: identity.
+    one = distribute.all_gather_many([tf.ones([3]), tf.zeros([2], tf.int64)])
+    np.testing.assert_array_equal(one[0], np.ones(3))
+    np.testing.assert_array_equal(one[1], np.zeros(2))
+
+
 def test_strategy_choices(monkeypatch):
     assert distribute.make_strategy("default").num_replicas_in_sync == 1
     assert distribute.make_strategy("mirrored").num_replicas_in_sync == 2

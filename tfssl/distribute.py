@@ -229,6 +229,36 @@ def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
     return ctx.all_gather(x, axis=axis)
 
 
+def all_gather_many(tensors) -> list:
+    """``[all_gather(t) for t in tensors]`` (axis 0, no gradient), with one
+    all-gather per dtype instead of one per tensor.
+
+    Each tensor is [n_i, ...] with the same shape on every replica; the result
+    i is [R * n_i, ...] in replica order. TF's ``ReplicaContext.all_gather``
+    makes two collectives per tensor (the shapes, then the padded values), each
+    a network round trip beyond one host; here the tensors of a dtype are
+    flattened into one [1, T] row, gathered to [R, T] and split again.
+    Identity on one device.
+    """
+    ctx = tf.distribute.get_replica_context()
+    tensors = [tf.stop_gradient(tf.convert_to_tensor(t)) for t in tensors]
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tensors
+    out = [None] * len(tensors)
+    groups = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    for idx in groups.values():
+        flat = [tf.reshape(tensors[i], [-1]) for i in idx]
+        rows = ctx.all_gather(tf.concat(flat, 0)[None], axis=0)  # [R, T]
+        for i, part in zip(idx, tf.split(rows, tf.stack([tf.size(f) for f in flat]), axis=1)):
+            t = tensors[i]
+            out[i] = tf.reshape(part, tf.concat([[-1], tf.shape(t)[1:]], 0))
+            out[i].set_shape([None if t.shape[0] is None else t.shape[0] * ctx.num_replicas_in_sync]
+                             + t.shape[1:].as_list())
+    return out
+
+
 def all_reduce_mean(x: tf.Tensor) -> tf.Tensor:
     """Mean of ``x`` over replicas (identity on one device)."""
     ctx = tf.distribute.get_replica_context()

@@ -141,8 +141,14 @@ class ASCL(SSLModel):
         for t, s in self._momentum_pairs:
             t.assign(m * t + (1.0 - m) * tf.convert_to_tensor(s))
 
-    def _enqueue(self, k, labels):
-        keys = distribute.all_gather(k)
+    @staticmethod
+    def _gather_keys(k, labels):
+        """(keys [N, D], labels [N] as float32) of the global batch, gathered
+        together (labels are class ids or -1, exact in float32)."""
+        return distribute.all_gather_many([k, tf.cast(labels, tf.float32)])
+
+    def _enqueue(self, k, labels, gathered=None):
+        keys, all_labels = gathered if gathered is not None else self._gather_keys(k, labels)
         if keys.shape[0] is not None:
             self.check_global_batch(int(keys.shape[0]))
         queue, pointer = memory_bank.queue_push(tf.convert_to_tensor(self.queue),
@@ -150,7 +156,7 @@ class ASCL(SSLModel):
         lab, _ = memory_bank.queue_push(tf.cast(tf.convert_to_tensor(self.queue_labels)[:, None],
                                                 tf.float32),
                                         tf.convert_to_tensor(self.queue_pointer),
-                                        tf.cast(distribute.all_gather(labels)[:, None], tf.float32))
+                                        all_labels[:, None])
         self.queue.assign(queue)
         self.queue_labels.assign(tf.cast(lab[:, 0], tf.int64))
         self.queue_pointer.assign(pointer)
@@ -229,7 +235,8 @@ class ASCLBYOL(ASCL):
         labels = tf.cast(unl["label"], tf.int64) if "label" in unl else -tf.ones(
             tf.shape(unl["key"])[:1], tf.int64)
         k = self._keys(unl["key"])
-        keys = distribute.all_gather(k)  # [N, D], the global batch
+        gathered = self._gather_keys(k, labels)
+        keys = gathered[0]  # [N, D], the global batch
         n = tf.shape(keys)[0]
         replica = tf.distribute.get_replica_context()
         r = replica.replica_id_in_sync_group if replica is not None else 0
@@ -251,8 +258,8 @@ class ASCLBYOL(ASCL):
             loss = tf.reduce_mean(tf.reduce_sum(y * dist, axis=-1))
         self.apply_loss(tape, loss)
         self._update_key_encoder()
-        self._diagnostics(loss, d, labels, tf.gather(distribute.all_gather(labels), others))
-        self._enqueue(k, labels)
+        self._diagnostics(loss, d, labels, tf.gather(tf.cast(gathered[1], tf.int64), others))
+        self._enqueue(k, labels, gathered)
         return self.train_results()
 
     def get_config(self):

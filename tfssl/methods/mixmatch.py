@@ -138,8 +138,8 @@ class MixMatch(SSLModel):
         # 2. MixUp over the global batch; this replica keeps its rows.
         parts = [x] + us
         dists = [tf.one_hot(y, c)] + [q] * self.num_augmentations
-        gx = [distribute.all_gather(t) for t in parts]
-        gp = [distribute.all_gather(t) for t in dists]
+        gathered = distribute.all_gather_many(parts + dists)  # one collective for all
+        gx, gp = gathered[:len(parts)], gathered[len(parts):]
         sizes = [tf.shape(t)[0] for t in gx]
         step = tf.cast(self.optimizer.iterations, tf.int64)
         lam, perm = targets.mixup_draws(tf.add_n(sizes), self.alpha,
