@@ -29,9 +29,10 @@ TF_CONFIG_EXAMPLE = (
 # more threads per digits epoch of 21 steps). Two workers calling one
 # all-reduce in a loop aborted here ("std::system_error: Resource temporarily
 # unavailable") after 8,000-10,000 calls (16k-20k threads), that is after
-# 4,000-5,000 training steps: within the first ImageNet epoch at batch 256. A lost peer is detected without it: the coordination
-# service's heartbeats abort the collectives (measured: the survivor exits
-# 1.3-1.5 s after a kill -9 of either worker, 9.6 s after a SIGSTOP; tested by
+# 4,000-5,000 training steps: within the first ImageNet epoch at batch 256.
+# A lost peer is detected without it: the coordination service's heartbeats
+# abort the collectives (measured: the survivor exits 1.3-1.5 s after a kill -9
+# of either worker, 9.6 s after a SIGSTOP; tested by
 # test_killed_worker_stops_the_other_and_a_rerun_resumes).
 
 # Gradients are all-reduced in packs of up to this many bytes: one collective
