@@ -259,10 +259,9 @@ class SSLModel(keras.Model):
         metrics keep Keras's path.
         """
         strategy = self.distribute_strategy
-        means = [m for m in self.metrics if isinstance(m, keras.metrics.Mean)]
-        if not distribute.is_multi_worker(strategy) or not means:
+        means, parts = self._multi_worker_means()
+        if not means:
             return super().get_metrics_result()
-        parts = [v for m in means for v in (m.total, m.count)]
         sums = strategy.experimental_local_results(self._summed_over_replicas(parts))[0].numpy()
         out, k = {}, 0
         for m in self.metrics:
@@ -288,19 +287,27 @@ class SSLModel(keras.Model):
         of every ``keras.metrics.Mean`` are zeroed on each replica instead, in
         one function call with no collective; other metrics keep Keras's path.
         """
-        means = [m for m in self.metrics if isinstance(m, keras.metrics.Mean)]
-        if not distribute.is_multi_worker(self.distribute_strategy) or not means:
+        means, parts = self._multi_worker_means()
+        if not means:
             return super().reset_metrics()
 
         def zero(vs):
             for v in vs:
                 v.assign(tf.zeros(v.shape, v.dtype))
-            return tf.constant(0)
 
-        self._on_replicas("zero", [v for m in means for v in (m.total, m.count)], zero)
+        self._on_replicas("zero", parts, zero)
         for m in self.metrics:
             if m not in means:
                 m.reset_state()
+
+    def _multi_worker_means(self):
+        """(the ``keras.metrics.Mean`` metrics, their [total, count, ...]
+        variables) under a multi-worker strategy, else ([], []): what the
+        multi-worker paths of ``get_metrics_result`` and ``reset_metrics`` handle."""
+        if not distribute.is_multi_worker(self.distribute_strategy):
+            return [], []
+        means = [m for m in self.metrics if isinstance(m, keras.metrics.Mean)]
+        return means, [v for m in means for v in (m.total, m.count)]
 
     def _summed_over_replicas(self, variables):
         """[len(variables)] float32: each (scalar) variable summed over all
