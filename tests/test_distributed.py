@@ -128,6 +128,39 @@ def test_all_gather_many_equals_one_gather_per_tensor_with_one_collective_per_dt
     np.testing.assert_array_equal(one[1], np.zeros(2))
 
 
+@pytest.mark.parametrize("num_ids", [100, 2 ** 25])
+def test_all_gather_with_ids_is_exact_with_one_collective_where_float32_is(monkeypatch, num_ids):
+    # Ids below 2^24 share the rows' float32 gather (one call per replica);
+    # above, they are gathered as int64 (two calls), so that 2^24 + 1, which
+    # float32 would round to 2^24, comes back exactly.
+    strategy = testing.mirrored_cpu_strategy(2)
+    x = tf.constant(np.arange(12, dtype="float32").reshape(2, 3, 2))
+    ids = tf.constant([[0, 7, -1], [99, 3, 5]], tf.int64)
+    if num_ids > 2 ** 24:
+        ids = ids + 2 ** 24 + 1
+    calls = []
+    gather = tf.distribute.ReplicaContext.all_gather
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather",
+                        lambda self, v, axis, options=None: calls.append(1) or gather(
+                            self, v, axis, options))
+
+    @tf.function
+    def run():
+        def fn():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return distribute.all_gather_with_ids(tf.gather(x, r), tf.gather(ids, r), num_ids)
+        return strategy.run(fn)
+
+    gx, gids = run()
+    assert len(calls) == (2 if num_ids <= 2 ** 24 else 4)
+    for r in range(2):
+        np.testing.assert_array_equal(strategy.experimental_local_results(gx)[r],
+                                      tf.reshape(x, [6, 2]))
+        got = strategy.experimental_local_results(gids)[r]
+        assert got.dtype == tf.int64
+        np.testing.assert_array_equal(got, tf.reshape(ids, [6]))
+
+
 def test_strategy_choices(monkeypatch):
     assert distribute.make_strategy("default").num_replicas_in_sync == 1
     assert distribute.make_strategy("mirrored").num_replicas_in_sync == 2

@@ -260,6 +260,20 @@ def all_gather_many(tensors) -> list:
     return out
 
 
+def all_gather_with_ids(x: tf.Tensor, ids: tf.Tensor, num_ids: int):
+    """(``all_gather(x)``, ``all_gather(ids)`` as int64) for float32 rows ``x``
+    [n, ...] and their integer ``ids`` [n] in [-1, num_ids): one collective when
+    the ids are exact in float32 (``num_ids <= 2**24``), else one per dtype.
+    An id outside that range stays outside it (float32 rounding keeps values
+    >= 2**24 there), so a lookup with it fails as it would have."""
+    ids = tf.cast(ids, tf.int64)
+    if x.dtype == tf.float32 and num_ids <= 2 ** 24:
+        gx, gids = all_gather_many([x, tf.cast(ids, tf.float32)])
+        return gx, tf.cast(gids, tf.int64)
+    gx, gids = all_gather_many([x, ids])
+    return gx, gids
+
+
 def all_reduce_mean(x: tf.Tensor) -> tf.Tensor:
     """Mean of ``x`` over replicas (identity on one device)."""
     ctx = tf.distribute.get_replica_context()

@@ -143,9 +143,9 @@ class ASCL(SSLModel):
 
     @staticmethod
     def _gather_keys(k, labels):
-        """(keys [N, D], labels [N] as float32) of the global batch, gathered
-        together (labels are class ids or -1, exact in float32)."""
-        return distribute.all_gather_many([k, tf.cast(labels, tf.float32)])
+        """(keys [N, D], labels [N]) of the global batch, gathered together:
+        labels are class ids or -1, which the queue keeps through float32."""
+        return distribute.all_gather_with_ids(k, labels, num_ids=2 ** 24)
 
     def _enqueue(self, k, labels, gathered=None):
         keys, all_labels = gathered if gathered is not None else self._gather_keys(k, labels)
@@ -156,7 +156,7 @@ class ASCL(SSLModel):
         lab, _ = memory_bank.queue_push(tf.cast(tf.convert_to_tensor(self.queue_labels)[:, None],
                                                 tf.float32),
                                         tf.convert_to_tensor(self.queue_pointer),
-                                        all_labels[:, None])
+                                        tf.cast(all_labels[:, None], tf.float32))
         self.queue.assign(queue)
         self.queue_labels.assign(tf.cast(lab[:, 0], tf.int64))
         self.queue_pointer.assign(pointer)
@@ -258,7 +258,7 @@ class ASCLBYOL(ASCL):
             loss = tf.reduce_mean(tf.reduce_sum(y * dist, axis=-1))
         self.apply_loss(tape, loss)
         self._update_key_encoder()
-        self._diagnostics(loss, d, labels, tf.gather(tf.cast(gathered[1], tf.int64), others))
+        self._diagnostics(loss, d, labels, tf.gather(gathered[1], others))
         self._enqueue(k, labels, gathered)
         return self.train_results()
 

@@ -248,15 +248,8 @@ class SimMatch(SSLModel):
             self.da_queue.assign(queue)
             self.da_pointer.assign(pointer)
         if self.uses_bank:
-            index = tf.cast(lab["index"], tf.int64)
-            if self.slot_of.shape[0] <= 2 ** 24:
-                # Dataset indices below 2^24 are exact in float32: gathered with
-                # the keys in one collective (a larger index stays >= 2^24, out
-                # of the table's range, and fails the lookup as before).
-                keys, index = distribute.all_gather_many([k, tf.cast(index, tf.float32)])
-                index = tf.cast(index, tf.int64)
-            else:
-                keys, index = distribute.all_gather_many([k, index])
+            keys, index = distribute.all_gather_with_ids(k, lab["index"],
+                                                         num_ids=self.slot_of.shape[0])
             slots = tf.gather(tf.convert_to_tensor(self.slot_of), index)
             tf.debugging.assert_non_negative(slots, "a labeled index is not in the bank")
             self.bank.assign(memory_bank.bank_write(bank, slots, keys, self.bank_momentum))
