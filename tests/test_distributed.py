@@ -16,9 +16,9 @@ def _batches(n=3, batch=8, seed=0):
         {"labeled": {"weak": x, "label": y, "index": np.arange(n * batch)}}).batch(batch)
 
 
-def _build(ema=None, optimizer="sgd", steps_per_execution=1):
+def _build(ema=None, optimizer="sgd", steps_per_execution=1, norm="sync_batch"):
     def build():
-        enc = models.encoder(models.small_cnn((8, 8, 1), width=8, norm="sync_batch"),
+        enc = models.encoder(models.small_cnn((8, 8, 1), width=8, norm=norm),
                              (0.5,), (0.25,))
         m = methods.Supervised(enc, 10, ema_decay=ema)
         opt = (keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
@@ -44,6 +44,127 @@ def test_two_replicas_match_one_device_with_steps_per_execution():
 
 def test_two_replicas_match_one_device_adam():
     testing.assert_replicas_match(_build(optimizer="adam"), _batches(), steps=3)
+
+
+def test_two_replicas_match_one_device_with_loss_scaling():
+    # mixed_float16 wraps the optimizer in a LossScaleOptimizer, which under a
+    # merge-call strategy applies the inner update through
+    # call_for_each_replica in threads of its own: apply_loss's pre-summed
+    # gradients must not be summed again there (2x the update on 2 replicas).
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        # float16 activations: 1 in 1152 conv weights differs by 3e-4 from
+        # the order of the sums; a second sum of the gradients differs by far more.
+        one, _ = testing.assert_replicas_match(_build(), _batches(), steps=3, rtol=1e-2,
+                                               atol=1e-3)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+    assert any("dynamic_scale" in k for k in one)
+
+
+def _counting_collectives(monkeypatch):
+    """Patches ReplicaContext.all_reduce / all_gather to record (kind, dtype)
+    per call (made at trace time)."""
+    calls = []
+    reduce, gather = tf.distribute.ReplicaContext.all_reduce, tf.distribute.ReplicaContext.all_gather
+
+    def counting_reduce(self, op, value, options=None):
+        dtypes = {t.dtype for t in tf.nest.flatten(value)}
+        calls.append(("all_reduce", tuple(sorted(d.name for d in dtypes))))
+        return reduce(self, op, value, options)
+
+    def counting_gather(self, value, axis, options=None):
+        calls.append(("all_gather", (value.dtype.name,)))
+        return gather(self, value, axis, options)
+
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_reduce", counting_reduce)
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather", counting_gather)
+    return calls
+
+
+def test_sum_and_gather_is_one_all_reduce_per_dtype(monkeypatch):
+    # distribute.sum_and_gather on 2 replicas: the sums and the (static-shape)
+    # gathers of each dtype share one all-reduce; the gathered rows come back
+    # exactly, in replica order; a dynamic-shape tensor falls back to one
+    # all-gather.
+    strategy = testing.mirrored_cpu_strategy(2)
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.normal(size=[2, 3, 4]).astype("float32"))
+    b = tf.constant(rng.integers(-5, 5, [2, 2]))
+    c = tf.constant(rng.normal(size=[2, 3, 2]).astype("float32") * 1e6)
+    ids = tf.constant([[0, 7, -1], [99, 3, 2 ** 24]], tf.int64)
+    d = tf.constant(rng.normal(size=[2, 5]).astype("float32"))
+    calls = _counting_collectives(monkeypatch)
+
+    @tf.function
+    def run():
+        def fn():
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            pick = lambda t: tf.gather(t, r)  # noqa: E731
+            dyn = tf.boolean_mask(pick(d), pick(d) > -100.0)  # shape [None]
+            return distribute.sum_and_gather(
+                [pick(a), pick(b)],
+                [pick(c), distribute.id_carrier(pick(ids), 2 ** 24 + 1), pick(ids), dyn])
+        return strategy.run(fn)
+
+    summed, gathered = run()
+    # per replica: one all-reduce of float32 (a, c, the carrier), one of int64
+    # (b, ids), one all-gather for the dynamic tensor
+    assert sorted(calls) == sorted(2 * [("all_reduce", ("float32",)),
+                                        ("all_reduce", ("int64",)),
+                                        ("all_gather", ("float32",))]), calls
+    local = strategy.experimental_local_results
+    for r in range(2):
+        np.testing.assert_allclose(local(summed[0])[r], a[0] + a[1], rtol=1e-6)
+        np.testing.assert_array_equal(local(summed[1])[r], b[0] + b[1])
+        np.testing.assert_array_equal(local(gathered[0])[r], tf.reshape(c, [6, 2]))
+        np.testing.assert_array_equal(
+            tf.cast(local(gathered[1])[r], tf.int64), tf.reshape(ids, [6]))
+        np.testing.assert_array_equal(local(gathered[2])[r], tf.reshape(ids, [6]))
+        np.testing.assert_array_equal(local(gathered[3])[r], tf.reshape(d, [10]))
+    # One device: identity.
+    (s,), (g,) = distribute.sum_and_gather([tf.ones([2])], [tf.zeros([3], tf.int64)])
+    np.testing.assert_array_equal(s, np.ones(2))
+    np.testing.assert_array_equal(g, np.zeros(3))
+
+
+def test_a_train_step_on_two_replicas_makes_one_collective(monkeypatch):
+    # apply_loss sums the gradients and the trackers' totals and counts in one
+    # all-reduce; the optimizer's own gradient sum is skipped and the packed
+    # (multi-worker) logs need none of their own. Per-replica BN: the model
+    # makes no other collective. Keras's path makes 2 (gradients, logs).
+    monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy=None: True)
+    strategy = testing.mirrored_cpu_strategy(2)
+    with strategy.scope():
+        model = _build(norm="batch")()
+    calls = _counting_collectives(monkeypatch)
+    seen = []  # (logs, collectives traced so far) after each step
+    model.fit(_batches(), epochs=1, steps_per_epoch=3, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(
+                  on_train_batch_end=lambda b, logs: seen.append((dict(logs), list(calls))))])
+    # One all-reduce in each replica's trace of the step (the epoch's end
+    # adds get_metrics_result's own, after the steps).
+    assert [c for _, c in seen] == 3 * [2 * [("all_reduce", ("float32",))]], seen
+    assert len(seen) == 3 and set(seen[0][0]) == {"loss_x", "train_top1"}
+
+
+def test_a_tracker_updated_after_apply_loss_is_an_error():
+    class Late(methods.Supervised):
+        def train_step(self, data):
+            data = self.unpack(data)["labeled"]
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    data["label"], self(data["weak"], training=True), from_logits=True))
+            self.apply_loss(tape, loss)
+            self.loss_x.update_state(loss)  # too late: its step value is already summed
+            return self.train_results()
+
+    enc = models.encoder(models.small_cnn((8, 8, 1), width=8), (0.5,), (0.25,))
+    model = Late(enc, 10)
+    model.compile(optimizer="sgd")
+    with pytest.raises(RuntimeError, match="'loss_x' updated after apply_loss"):
+        model.fit(_batches(), epochs=1, steps_per_epoch=1, verbose=0)
 
 
 def test_unscaled_loss_would_double_the_update():

@@ -285,6 +285,31 @@ def test_launched_workers_are_bound_to_their_own_cpus(tmp_path):
                == sorted(os.sched_getaffinity(0)) for i in (0, 1))  # no threads given: unbound
 
 
+@pytest.mark.parametrize("multi_worker", [True, False])
+def test_a_lost_peer_is_a_clear_error_in_training_and_after(multi_worker):
+    # tfssl.train._peer_loss (around fit, and around the final evaluation and
+    # export): under multi-worker the collectives' abort becomes WorkerLost
+    # with its first telling line and what to do; in one process it stays.
+    import tensorflow as tf
+
+    from tfssl import train
+
+    message = ("{{function_node __wrapped__CollectiveReduceV2}} Collective ops is aborted by: "
+               "x\nThe following tasks are unhealthy (stopped sending heartbeats):\nmore")
+    with pytest.raises(train.WorkerLost if multi_worker else tf.errors.UnavailableError) as e:
+        with train._peer_loss(multi_worker, "Rerun every worker."):
+            raise tf.errors.UnavailableError(None, None, message)
+    if multi_worker:
+        assert str(e.value) == ("a worker of the cluster failed or became unreachable "
+                                "({{function_node __wrapped__CollectiveReduceV2}} Collective ops "
+                                "is aborted by: x). Rerun every worker.")
+    with train._peer_loss(multi_worker, "-"):  # other errors pass through
+        pass
+    with pytest.raises(ValueError):
+        with train._peer_loss(multi_worker, "-"):
+            raise ValueError("not a peer")
+
+
 def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     import subprocess
     import sys
@@ -295,7 +320,7 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tmp_path / "run"
     command = [sys.executable, os.path.join(root, "scripts", "train.py"),
-               f"--flagfile={root}/flags/digits.cfg", "--epochs=3", "--steps_per_epoch=6",
+               f"--flagfile={root}/flags/digits.cfg", "--epochs=3", "--steps_per_epoch=20",
                "--batch_size=16", "--eval_every=100", f"--workdir={workdir}", "--export_dir=",
                "--verbose=2", "--strategy=multi_worker"]
     scratch = tmp_path / "tmp"  # where non-chief workers put their outputs
@@ -339,7 +364,7 @@ def test_killed_worker_stops_the_other_and_a_rerun_resumes(tmp_path):
                        stream_chief=False, timeout_s=300, env=env)
     assert rc == 0, (tmp_path / "logs2" / "worker0.log").read_text()[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["epochs_completed"] == 3 and summary["global_steps"] == 3 * 6
+    assert summary["epochs_completed"] == 3 and summary["global_steps"] == 3 * 20
     assert len(summary["history"]["loss_x"]) < 3  # the rerun resumed, not restarted
     # Only the chief wrote outputs; the other worker removed its scratch dir.
     assert sorted(p.name for p in scratch.glob("tfssl-*")) == left

@@ -263,15 +263,72 @@ def all_gather_many(tensors) -> list:
 def all_gather_with_ids(x: tf.Tensor, ids: tf.Tensor, num_ids: int):
     """(``all_gather(x)``, ``all_gather(ids)`` as int64) for float32 rows ``x``
     [n, ...] and their integer ``ids`` [n] in [-1, num_ids): one collective when
-    the ids are exact in float32 (``num_ids <= 2**24``), else one per dtype.
-    An id outside that range stays outside it (float32 rounding keeps values
+    the ids are exact in float32 (``num_ids <= 2**24``, see ``id_carrier``),
+    else one per dtype."""
+    carrier = id_carrier(ids, num_ids) if x.dtype == tf.float32 else tf.cast(ids, tf.int64)
+    gx, gids = all_gather_many([x, carrier])
+    return gx, tf.cast(gids, tf.int64)
+
+
+def id_carrier(ids: tf.Tensor, num_ids: int) -> tf.Tensor:
+    """Integer ``ids`` in [-1, num_ids) in the dtype that travels with float32
+    rows in one collective: float32 where that is exact (``num_ids <= 2**24``),
+    else int64 (its own collective). Cast the gathered result back to int64;
+    an id outside the range stays outside it (float32 rounding keeps values
     >= 2**24 there), so a lookup with it fails as it would have."""
-    ids = tf.cast(ids, tf.int64)
-    if x.dtype == tf.float32 and num_ids <= 2 ** 24:
-        gx, gids = all_gather_many([x, tf.cast(ids, tf.float32)])
-        return gx, tf.cast(gids, tf.int64)
-    gx, gids = all_gather_many([x, ids])
-    return gx, gids
+    return tf.cast(tf.cast(ids, tf.int64), tf.float32 if num_ids <= 2 ** 24 else tf.int64)
+
+
+def sum_and_gather(summed, gathered=()):
+    """(``[all-reduce SUM of t for t in summed]``, ``[all_gather(t) for t in
+    gathered]``) in one all-reduce per dtype: what a step needs from the other
+    replicas once its gradients are known (the gradients, the step's metric
+    sums, the keys a queue or bank appends).
+
+    A gathered tensor [n, ...] with a fully static shape (the same on every
+    replica) goes into row r (this replica's index) of a zero [R, n, ...]
+    buffer that is summed with the rest: x + 0 = x, so the result is exactly
+    the rows every replica gave, in replica order, reshaped to [R * n, ...]
+    (no gradient). That moves R times the tensor's bytes, so it is for small
+    tensors beside the gradients (a batch of keys, not a bank). A gathered
+    tensor without a static shape falls back to ``all_gather_many``. Identity
+    on one device.
+
+    Args:
+      summed: tensors of any shapes and dtypes, summed over replicas.
+      gathered: tensors [n_i, ...], concatenated over replicas along axis 0.
+    Returns:
+      (summed results, gathered results), in the order given.
+    """
+    ctx = tf.distribute.get_replica_context()
+    summed = [tf.convert_to_tensor(t) for t in summed]
+    gathered = [tf.stop_gradient(tf.convert_to_tensor(t)) for t in gathered]
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return summed, gathered
+    n_rep, r = ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
+    static = [i for i, t in enumerate(gathered) if t.shape.is_fully_defined()]
+    slotted = []
+    for i in static:
+        t = gathered[i]
+        pad = tf.stack([r, n_rep - 1 - r])[None]
+        rows = tf.pad(t[None], tf.concat([pad, tf.zeros([t.shape.rank, 2], pad.dtype)], 0))
+        slotted.append(tf.ensure_shape(rows, [n_rep] + t.shape.as_list()))
+    inputs = summed + slotted
+    outputs = [None] * len(inputs)
+    groups = {}
+    for i, t in enumerate(inputs):
+        groups.setdefault(t.dtype, []).append(i)
+    for idx in groups.values():
+        for i, x in zip(idx, ctx.all_reduce(tf.distribute.ReduceOp.SUM, [inputs[i] for i in idx])):
+            outputs[i] = x
+    out_gathered = list(gathered)
+    for i, rows in zip(static, outputs[len(summed):]):
+        t = gathered[i]
+        out_gathered[i] = tf.reshape(rows, [n_rep * t.shape[0]] + t.shape[1:].as_list())
+    dynamic = [i for i in range(len(gathered)) if i not in static]
+    for i, x in zip(dynamic, all_gather_many([gathered[i] for i in dynamic])):
+        out_gathered[i] = x
+    return outputs[:len(summed)], out_gathered
 
 
 def all_reduce_mean(x: tf.Tensor) -> tf.Tensor:

@@ -35,14 +35,23 @@ def mirrored_cpu_strategy(num_replicas: int = 2) -> tf.distribute.MirroredStrate
 def train_steps(build_model: Callable[[], keras.Model], dataset: tf.data.Dataset,
                 strategy: tf.distribute.Strategy, steps: int, seed: int = 0, callbacks=()):
     """Builds (seeded) and compiles under ``strategy``, fits ``steps`` steps on
-    ``dataset`` (global batches). Returns (model, {variable: value}, fit logs)."""
+    ``dataset`` (global batches). Returns (model, {variable: value}, fit logs):
+    the epoch's logs, and each step's as ``"step_<i>/<name>"`` (the running
+    means callbacks see after step i)."""
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         model = build_model()
+    per_step = {}
+
+    class StepLogs(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for k, v in (logs or {}).items():
+                per_step[f"step_{batch}/{k}"] = float(np.asarray(v))
+
     history = model.fit(dataset.take(steps), epochs=1, steps_per_epoch=steps, verbose=0,
-                        callbacks=list(callbacks))
+                        callbacks=list(callbacks) + [StepLogs()])
     logs = {k: v[-1] for k, v in history.history.items()}
-    return model, snapshot(model, strategy), logs
+    return model, snapshot(model, strategy), {**logs, **per_step}
 
 
 def snapshot(model: keras.Model, strategy=None) -> Dict[str, np.ndarray]:
@@ -59,9 +68,10 @@ def snapshot(model: keras.Model, strategy=None) -> Dict[str, np.ndarray]:
                 np.testing.assert_allclose(
                     x, locals_[0], rtol=1e-5, atol=1e-6,
                     err_msg=f"{v.path}: replica {i} differs from replica 0")
-        # Keyed by position (auto-named layers and models get new unique
-        # names in each build) plus the path without its first component.
-        out[f"{len(out):04d}:{v.path.split('/', 1)[-1]}"] = np.asarray(v.numpy())
+        # Keyed by position plus the variable's own name (the last path
+        # component): auto-named layers, models and optimizers (a
+        # LossScaleOptimizer's inner one) get new unique names in each build.
+        out[f"{len(out):04d}:{v.path.rsplit('/', 1)[-1]}"] = np.asarray(v.numpy())
     return out
 
 

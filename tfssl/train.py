@@ -389,6 +389,26 @@ def _worker_outputs(cfg: TrainConfig, strategy):
     return dataclasses.replace(cfg, workdir=workdir, export_dir=export_dir), scratch
 
 
+@contextlib.contextmanager
+def _peer_loss(multi_worker: bool, what_now: str):
+    """Under multi-worker, the collective errors of a lost peer (the
+    coordination service's heartbeats abort the collectives) become
+    ``WorkerLost``: the first line that says what happened, and ``what_now``."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as e:
+        if not multi_worker:
+            raise
+        keys = ("abort", "reset", "unavailable", "fail", "timed out", "heartbeat", "deadline")
+        first = next((line.strip() for line in str(e.message or "").splitlines()
+                      if any(k in line.lower() for k in keys)), type(e).__name__)
+        raise WorkerLost(f"a worker of the cluster failed or became unreachable ({first}). "
+                         f"{what_now}") from e
+
+
 def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u,
            support):
     import keras
@@ -462,40 +482,37 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
         verbose = 1 if sys.stdout.isatty() else 2
     step0 = int(model.optimizer.iterations.numpy())
     start = time.time()
-    try:
+    with _peer_loss(multi_worker, "Rerun every worker with the same flags: training resumes "
+                    f"from the last epoch backed up in --workdir={cfg.workdir!r}."):
         history = model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=steps,
                             validation_data=test_ds if has_head and not use_ema else None,
                             validation_freq=cfg.eval_every, callbacks=callbacks, verbose=verbose)
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-            tf.errors.DeadlineExceededError) as e:
-        if not multi_worker:
-            raise
-        keys = ("abort", "reset", "unavailable", "fail", "timed out", "heartbeat", "deadline")
-        first = next((line.strip() for line in str(e.message or "").splitlines()
-                      if any(k in line.lower() for k in keys)), type(e).__name__)
-        raise WorkerLost(
-            f"a worker of the cluster failed or became unreachable ({first}). Rerun every "
-            f"worker with the same flags: training resumes from the last epoch backed up in "
-            f"--workdir={cfg.workdir!r}.") from e
     train_seconds = time.time() - start
     global_steps = int(model.optimizer.iterations.numpy())
     run_steps = global_steps - step0
 
-    model.save_weights(os.path.join(cfg.workdir, FINAL_WEIGHTS))
+    final = os.path.join(cfg.workdir, FINAL_WEIGHTS)
     metrics: Dict[str, float] = {}
-    with (model.ema_applied() if use_ema else contextlib.nullcontext()):
-        if has_head:
-            metrics["test_top1"] = float(model.evaluate(test_ds, verbose=0, return_dict=True)["top1"])
-        metrics["knn_top1"] = evaluation.knn_accuracy(model.encoder, bank_ds, test_ds,
-                                                      source.num_classes, cfg.knn_k, cfg.knn_t)
-        if not has_head:
-            metrics["linear_probe_top1"] = evaluation.linear_probe_accuracy(
-                model.encoder, bank_ds, test_ds, source.num_classes, seed=cfg.seed)
-        metrics.update(model.final_evaluation(ctx))
     export_paths = {}
-    if cfg.export_dir:
-        export_paths = export.export_model(model, os.path.join(cfg.export_dir, cfg.run_name),
-                                           use_ema=use_ema, labeled=bank_ds)
+    # (BackupAndRestore removed its backup when training ended.)
+    with _peer_loss(multi_worker, "Training had finished; the peer was lost in the final "
+                    f"evaluation or export. The trained weights are in {final!r} if the chief "
+                    "saved them; rerunning every worker with the same flags trains again from "
+                    "the start."):
+        model.save_weights(final)
+        with (model.ema_applied() if use_ema else contextlib.nullcontext()):
+            if has_head:
+                metrics["test_top1"] = float(
+                    model.evaluate(test_ds, verbose=0, return_dict=True)["top1"])
+            metrics["knn_top1"] = evaluation.knn_accuracy(
+                model.encoder, bank_ds, test_ds, source.num_classes, cfg.knn_k, cfg.knn_t)
+            if not has_head:
+                metrics["linear_probe_top1"] = evaluation.linear_probe_accuracy(
+                    model.encoder, bank_ds, test_ds, source.num_classes, seed=cfg.seed)
+            metrics.update(model.final_evaluation(ctx))
+        if cfg.export_dir:
+            export_paths = export.export_model(model, os.path.join(cfg.export_dir, cfg.run_name),
+                                               use_ema=use_ema, labeled=bank_ds)
     summary = {
         "method": cfg.method,
         "dataset": cfg.dataset,

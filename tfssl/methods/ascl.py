@@ -147,8 +147,9 @@ class ASCL(SSLModel):
         labels are class ids or -1, which the queue keeps through float32."""
         return distribute.all_gather_with_ids(k, labels, num_ids=2 ** 24)
 
-    def _enqueue(self, k, labels, gathered=None):
-        keys, all_labels = gathered if gathered is not None else self._gather_keys(k, labels)
+    def _enqueue(self, keys, all_labels):
+        """Pushes the global batch's keys [N, D] and labels [N] (int64, -1 where
+        unknown) into the queue."""
         if keys.shape[0] is not None:
             self.check_global_batch(int(keys.shape[0]))
         queue, pointer = memory_bank.queue_push(tf.convert_to_tensor(self.queue),
@@ -176,10 +177,11 @@ class ASCL(SSLModel):
             l_neg = tf.matmul(q, queue, transpose_b=True)
             logits = tf.concat([l_pos, l_neg], axis=1) / self.t1
             loss = tf.reduce_mean(targets.soft_cross_entropy(y, logits))
-        self.apply_loss(tape, loss)
-        self._update_key_encoder()
         self._diagnostics(loss, d, labels)
-        self._enqueue(k, labels)
+        # The keys to enqueue travel with the gradients (one collective).
+        keys, ids = self.apply_loss(tape, loss, gather=[k, distribute.id_carrier(labels, 2 ** 24)])
+        self._update_key_encoder()
+        self._enqueue(keys, tf.cast(ids, tf.int64))
         return self.train_results()
 
     def _diagnostics(self, loss, d, labels, neighbour_labels=None):
@@ -256,10 +258,10 @@ class ASCLBYOL(ASCL):
             p = tf.math.l2_normalize(tf.cast(self.predictor(q, training=True), tf.float32), -1)
             dist = tf.reduce_sum(tf.square(p[:, None] - cand), axis=-1)  # [B, N]
             loss = tf.reduce_mean(tf.reduce_sum(y * dist, axis=-1))
+        self._diagnostics(loss, d, labels, tf.gather(gathered[1], others))
         self.apply_loss(tape, loss)
         self._update_key_encoder()
-        self._diagnostics(loss, d, labels, tf.gather(gathered[1], others))
-        self._enqueue(k, labels, gathered)
+        self._enqueue(*gathered)
         return self.train_results()
 
     def get_config(self):

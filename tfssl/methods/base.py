@@ -5,9 +5,11 @@ The base gives it:
 
 * ``apply_loss``: per-replica loss scaling (loss / num_replicas, since Keras 3
   SUMS replica gradients in a custom ``train_step``), mixed-precision loss
-  scaling, and the optimizer step.
+  scaling, and the optimizer step; on more than one replica the gradients,
+  the trackers' sums and small tensors to gather travel in one collective.
 * ``tracker(name)``: Keras ``Mean`` metrics, whose results are global-batch
-  values under a strategy (their variables are aggregated on read).
+  values under a strategy. Update them before ``apply_loss`` (an update after
+  it in the same step is an error).
 * ``state_variable``: non-trainable variables (queues, banks, pointers,
   pseudo-labels) that checkpoint, restore, and are written with identical
   values on every replica.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import types
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +32,91 @@ import tensorflow as tf
 from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
 from tfssl import augment, distribute
+
+
+# What one replica's trace of a train step hands on, keyed by id(model): the
+# global tracker means ``apply_loss`` computed with the gradients ("logs"),
+# which logs ``train_results`` returned from them ("global_logs"), and the
+# trackers that must not be updated any more in this trace ("closed"). Per
+# thread: MirroredStrategy traces each replica's step in a thread of its own.
+_STEP = threading.local()
+
+# Optimizers (by id) whose gradients ``apply_loss`` has summed over the
+# replicas, while their update is traced: a count, not a thread-local flag,
+# because a LossScaleOptimizer under a merge-call strategy applies the inner
+# update through ``call_for_each_replica`` from the cross-replica context, in
+# threads of its own (TF's mirrored_run).
+_PRESUMMED: Dict[int, int] = {}
+_PRESUMMED_LOCK = threading.Lock()
+
+
+def _step_state():
+    if not hasattr(_STEP, "logs"):
+        _STEP.logs, _STEP.global_logs, _STEP.closed = {}, {}, {}
+    return _STEP
+
+
+def _graph():
+    """The graph being traced (entries of ``_STEP`` are only valid in it)."""
+    return tf.compat.v1.get_default_graph()
+
+
+@contextlib.contextmanager
+def _gradients_summed(optimizer):
+    """While the optimizer traces its update, its own cross-replica sum of the
+    gradients is the identity (``apply_loss`` summed them already).
+
+    Upstream behaviour (Keras 3.8-3.15, TF backend,
+    ``TFOptimizer._backend_update_step``): the update starts with
+    ``_all_reduce_sum_gradients``, an all-reduce SUM of the gradients over the
+    replicas in replica context. Each optimizer (and a LossScaleOptimizer's
+    inner one) gets an instance attribute that skips it while any replica is
+    inside this context. If a Keras upgrade renames it, the sum would run
+    twice (an R-times larger update): tests/test_distributed.py and every
+    method's 2-replica test fail.
+    """
+    chain = [optimizer]
+    while getattr(chain[-1], "inner_optimizer", None) is not None:
+        chain.append(chain[-1].inner_optimizer)
+    for o in chain:
+        if not hasattr(type(o), "_all_reduce_sum_gradients"):
+            raise RuntimeError(
+                f"{type(o).__name__} has no _all_reduce_sum_gradients: this Keras version "
+                f"({keras.__version__}) applies gradients differently from the 3.8-3.15 "
+                "that tfssl.methods.base supports under a strategy")
+        if "_all_reduce_sum_gradients" not in vars(o):
+            def skip(grads_and_vars, original=o._all_reduce_sum_gradients, key=id(o)):
+                if _PRESUMMED.get(key, 0):
+                    return list(grads_and_vars)
+                return original(grads_and_vars)
+            o._all_reduce_sum_gradients = skip
+    with _PRESUMMED_LOCK:
+        for o in chain:
+            _PRESUMMED[id(o)] = _PRESUMMED.get(id(o), 0) + 1
+    try:
+        yield
+    finally:
+        with _PRESUMMED_LOCK:
+            for o in chain:
+                _PRESUMMED[id(o)] -= 1
+                if not _PRESUMMED[id(o)]:
+                    del _PRESUMMED[id(o)]
+
+
+class Tracker(keras.metrics.Mean):
+    """The ``keras.metrics.Mean`` of ``SSLModel.tracker``: one that refuses an
+    update after ``apply_loss`` in the same traced step (on more than one
+    replica its value for this step was summed with the gradients, so a later
+    update would be left out of the step's logs)."""
+
+    def update_state(self, *args, **kwargs):
+        graph, closed = _step_state().closed.get(id(self), (None, False))
+        if closed and graph is _graph() and not tf.executing_eagerly():
+            raise RuntimeError(
+                f"tracker {self.name!r} updated after apply_loss in the same train_step: "
+                "update the trackers before apply_loss (it sums their totals with the "
+                "gradients on more than one replica)")
+        return super().update_state(*args, **kwargs)
 
 
 # The key under which a multi-worker step returns all its scalar logs at once.
@@ -229,13 +317,20 @@ class SSLModel(keras.Model):
             keys["all"] = list(logs)
             keys["packed"] = [k for k, v in logs.items() if tf.is_tensor(v) and v.shape.rank == 0]
             out = {k: v for k, v in logs.items() if k not in keys["packed"]}
+            # Logs that apply_loss already summed over all replicas (with the
+            # gradients) need no collective; the others share one.
+            graph, done = _step_state().global_logs.pop(id(self), (None, set()))
+            done = done if graph is _graph() else set()
             if keys["packed"]:
-                packed = tf.reshape(
-                    tf.stack([tf.cast(logs[k], tf.float32) for k in keys["packed"]]), [1, -1])
-                if in_step:
+                values = [tf.cast(logs[k], tf.float32) for k in keys["packed"]]
+                todo = [i for i, k in enumerate(keys["packed"]) if k not in done]
+                if in_step and todo:
                     ctx = tf.distribute.get_replica_context()
-                    packed = ctx.all_reduce("SUM", packed) / ctx.num_replicas_in_sync
-                out[_PACKED_LOGS] = packed
+                    means = tf.unstack(ctx.all_reduce("SUM", tf.stack([values[i] for i in todo]))
+                                       / ctx.num_replicas_in_sync)
+                    for i, v in zip(todo, means):
+                        values[i] = v
+                out[_PACKED_LOGS] = tf.reshape(tf.stack(values), [1, -1])
             return out
 
         def unpack(logs):
@@ -458,8 +553,9 @@ class SSLModel(keras.Model):
 
     # --------------------------------------------------------------- metrics
     def tracker(self, name: str) -> keras.metrics.Mean:
-        """A Keras Mean metric reported in ``fit`` logs as ``name``."""
-        m = keras.metrics.Mean(name=name)
+        """A Keras Mean metric reported in ``fit`` logs as ``name``: update it in
+        ``train_step`` before ``apply_loss``, and return ``train_results()``."""
+        m = Tracker(name=name)
         setattr(self, f"_tracker_{name}", m)
         self._train_trackers.append(m)
         return m
@@ -469,15 +565,44 @@ class SSLModel(keras.Model):
         return list(self._train_trackers) + list(self._eval_trackers)
 
     def train_results(self) -> Dict[str, tf.Tensor]:
-        return {m.name: m.result() for m in self._train_trackers}
+        """``{name: value}`` of the train trackers: the running means over the
+        epoch so far, of the global batch. On more than one replica those that
+        ``apply_loss`` summed with the gradients (trackers updated before it)
+        come from there, with no collective of their own."""
+        state = _step_state()
+        graph, fused = state.logs.pop(id(self), (None, {}))
+        fused = fused if graph is _graph() else {}
+        state.global_logs[id(self)] = (_graph(), set(fused))
+        for m in self._train_trackers:
+            state.closed.pop(id(m), None)
+        return {m.name: fused[m.name] if m.name in fused else m.result()
+                for m in self._train_trackers}
 
     # -------------------------------------------------------------- training
-    def apply_loss(self, tape: tf.GradientTape, loss: tf.Tensor, variables=None):
+    def apply_loss(self, tape: tf.GradientTape, loss: tf.Tensor, variables=None, gather=()):
         """One optimizer step on ``loss`` (this replica's mean loss).
 
         The loss is divided by the number of replicas before differentiation:
         Keras 3 sums the replicas' gradients, so the update equals the
         single-device update on the global batch.
+
+        On more than one replica, everything the step needs from the others
+        after its backward pass travels in ONE collective (per dtype): the
+        gradients, the totals and counts of the train trackers (so update them
+        BEFORE calling this, which a ``Tracker`` enforces: ``train_results``
+        then reports this step's global-batch values without a collective of
+        its own), and the tensors in ``gather``. The optimizer's own gradient
+        all-reduce is skipped (``_gradients_summed``). Over loopback TCP each
+        collective is a 1-2 ms round trip on the critical path of a 10 ms step.
+
+        Args:
+          tape: the tape that recorded ``loss``.
+          loss: scalar, this replica's mean loss.
+          variables: what to update (default: all trainable variables).
+          gather: small tensors [n_i, ...] wanted on every replica after the
+            step (keys to enqueue), see ``distribute.sum_and_gather``.
+        Returns:
+          ``[all_gather(t) for t in gather]``: [R * n_i, ...] in replica order.
         """
         variables = self.trainable_variables if variables is None else variables
         # Seeding backprop with s / R equals differentiating loss * s / R (the
@@ -485,9 +610,34 @@ class SSLModel(keras.Model):
         # to build that product inside the tape.
         seed = distribute.scale_loss(self.optimizer.scale_loss(tf.ones_like(loss)))
         grads = tape.gradient(loss, variables, output_gradients=seed)
-        self.optimizer.apply(grads, variables)
+        ctx = tf.distribute.get_replica_context()
+        for m in self._train_trackers:  # (see Tracker: updates end here)
+            _step_state().closed[id(m)] = (_graph(), True)
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            self.optimizer.apply(grads, variables)
+            gathered = [tf.stop_gradient(tf.convert_to_tensor(t)) for t in gather]
+        else:
+            means = [m for m in self._train_trackers if isinstance(m, keras.metrics.Mean)]
+            # Each replica's own (sync-on-read) totals and counts.
+            parts = tf.stack([tf.cast(tf.convert_to_tensor(v), tf.float32)
+                              for m in means for v in (m.total, m.count)]) if means else None
+            present = [i for i, g in enumerate(grads) if g is not None]
+            summed, gathered = distribute.sum_and_gather(
+                [tf.convert_to_tensor(grads[i]) for i in present]
+                + ([parts] if means else []), gather)
+            if means:
+                sums = summed.pop()
+                _step_state().logs[id(self)] = (_graph(), {
+                    m.name: tf.math.divide_no_nan(sums[2 * j], sums[2 * j + 1])
+                    for j, m in enumerate(means)})
+            grads = list(grads)
+            for i, g in zip(present, summed):
+                grads[i] = g
+            with _gradients_summed(self.optimizer):
+                self.optimizer.apply(grads, variables)
         if self._ema_pairs:
             self.update_ema()
+        return gathered
 
     @staticmethod
     def unpack(data):

@@ -163,12 +163,12 @@ class MixMatch(SSLModel):
                                                                                   tf.float32)
             w = self.lambda_u * mm.linear_rampup(images_seen, self.rampup_images)
             loss = loss_x + w * loss_u
-        self.apply_loss(tape, loss)
-        self._decay_kernels()
         self.loss.update_state(loss)
         self.loss_x.update_state(loss_x)
         self.loss_u.update_state(loss_u)
         self.w_u.update_state(w)
+        self.apply_loss(tape, loss)
+        self._decay_kernels()
         return self.train_results()
 
     def _forwards(self, xs):

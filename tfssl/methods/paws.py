@@ -245,8 +245,6 @@ class PAWS(SSLModel):
                                        distribute.all_reduce_mean_identity_grad)
                        if self.use_me_max else tf.constant(0.0))
             loss = loss_paws + loss_me
-        self.apply_loss(tape, loss)
-
         self.m_loss.update_state(loss)
         self.m_loss_paws.update_state(loss_paws)
         self.m_loss_me.update_state(loss_me)
@@ -257,6 +255,7 @@ class PAWS(SSLModel):
             pred = tf.gather(col_class, tf.argmax(t_global, -1))
             self.m_pseudo_top1.update_state(tf.cast(tf.equal(pred, true), tf.float32),
                                             sample_weight=tf.cast(true >= 0, tf.float32))
+        self.apply_loss(tape, loss)
         return self.train_results()
 
     def _column_classes(self, sup, num_views, labels):

@@ -191,8 +191,8 @@ class SeLa(SSLModel):
             logits = self.head_logits(self.encoder(x, training=True))
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
             loss = tf.reduce_mean(ce)  # mean over heads and the batch
-        self.apply_loss(tape, loss)
         self.loss_tracker.update_state(loss)
+        self.apply_loss(tape, loss)
         return self.train_results()
 
     def relabel(self, features: np.ndarray, heads=None) -> Dict[str, float]:

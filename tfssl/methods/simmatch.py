@@ -241,23 +241,6 @@ class SimMatch(SSLModel):
             loss_x = tf.reduce_mean(targets.soft_cross_entropy(
                 tf.one_hot(y, self.num_classes), logits_x))
             loss = loss_x + self.lambda_u * loss_u + self.lambda_in * loss_in
-        self.apply_loss(tape, loss)
-
-        # State updates, identical on every replica.
-        if self.da_len:
-            self.da_queue.assign(queue)
-            self.da_pointer.assign(pointer)
-        if self.uses_bank:
-            keys, index = distribute.all_gather_with_ids(k, lab["index"],
-                                                         num_ids=self.slot_of.shape[0])
-            slots = tf.gather(tf.convert_to_tensor(self.slot_of), index)
-            tf.debugging.assert_non_negative(slots, "a labeled index is not in the bank")
-            self.bank.assign(memory_bank.bank_write(bank, slots, keys, self.bank_momentum))
-        if self.teacher_net is not None:
-            m = self.teacher_momentum
-            for t, s in self._teacher_pairs:
-                t.assign(m * t + (1.0 - m) * tf.convert_to_tensor(s))
-
         self.m_loss.update_state(loss)
         self.m_loss_x.update_state(loss_x)
         self.m_loss_u.update_state(loss_u)
@@ -268,6 +251,24 @@ class SimMatch(SSLModel):
             self.m_pseudo_top1.update_state(
                 tf.cast(tf.equal(tf.argmax(p_hat, -1), true), tf.float32),
                 sample_weight=tf.cast(true >= 0, tf.float32))
+        # The labeled keys and their indices for the bank write travel with
+        # the gradients (one collective).
+        gathered = self.apply_loss(tape, loss, gather=[
+            k, distribute.id_carrier(lab["index"], self.slot_of.shape[0])] if self.uses_bank else [])
+
+        # State updates, identical on every replica.
+        if self.da_len:
+            self.da_queue.assign(queue)
+            self.da_pointer.assign(pointer)
+        if self.uses_bank:
+            keys, index = gathered[0], tf.cast(gathered[1], tf.int64)
+            slots = tf.gather(tf.convert_to_tensor(self.slot_of), index)
+            tf.debugging.assert_non_negative(slots, "a labeled index is not in the bank")
+            self.bank.assign(memory_bank.bank_write(bank, slots, keys, self.bank_momentum))
+        if self.teacher_net is not None:
+            m = self.teacher_momentum
+            for t, s in self._teacher_pairs:
+                t.assign(m * t + (1.0 - m) * tf.convert_to_tensor(s))
         return self.train_results()
 
     def get_config(self):

@@ -44,10 +44,10 @@ class Supervised(SSLModel):
             targets = tf.one_hot(y, self.num_classes)
             loss = tf.reduce_mean(keras.losses.categorical_crossentropy(
                 targets, logits, from_logits=True, label_smoothing=self.label_smoothing))
-        self.apply_loss(tape, loss)
         self.loss_x.update_state(loss)
         self.train_top1.update_state(
             tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(y, tf.int64)), tf.float32))
+        self.apply_loss(tape, loss)
         return self.train_results()
 
     def get_config(self):
