@@ -30,7 +30,10 @@ gradients' size between the workers (the collective share of a step):
         --backbone=wrn28_2 --batch_size=64 --num_workers=2 --threads=2
 
 ``--norandom_step`` runs the digits part only; ``--digits_args`` passes flags to
-it (e.g. ``--digits_args=--steps_per_execution=8``).
+it (e.g. ``--digits_args=--steps_per_execution=8``). The digits row's step and
+img/s are over the whole ``fit`` (start-up and tracing included); its last
+column gives the steady figures: the median ``epoch_seconds`` of the epochs
+after the first, and the profile of a few steps.
 
 Mode ``sinkhorn``: tfssl's Sinkhorn-Knopp against the official float64 NumPy
 loop on random logits, for each of ``--sinkhorn_sizes``: iterations, seconds
@@ -417,6 +420,14 @@ def multi_worker_bench():
         f"collectives {coll_ms:.1f} ms of {many_ms:.1f} ms ({coll_ms / many_ms:.0%}), other ops "
         f"{ops_ms:.1f} ms; 1 process {one_ms:.1f} ms: steady-state ratio "
         f"{one_ms / many_ms:.2f} (profiled)")
+    # The epochs after the first (epoch_seconds: steps and epoch-end work, no
+    # start-up, tracing or fit's teardown), median over the epochs.
+    per_epoch = steps // F.digits_epochs
+    one_ep, many_ep = (_steady_epoch(x) for x in (a, b))
+    if one_ep and many_ep:
+        prof = (f"epochs 2-{F.digits_epochs}: {1e3 * one_ep / per_epoch:.1f} vs "
+                f"{1e3 * many_ep / per_epoch:.1f} ms a step, ratio {one_ep / many_ep:.2f}; "
+                + prof)
     rows.append(
         f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.flagfile_to_run}, "
         f"{F.digits_epochs} epochs{' ' + ' '.join(F.digits_args) if F.digits_args else ''}, "
@@ -432,6 +443,13 @@ def multi_worker_bench():
 
 
 PROFILED = (5, 10)  # digits batches traced in both runs of multi_worker (the chief's trace)
+
+
+def _steady_epoch(summary):
+    """Median ``epoch_seconds`` of a train.py summary's epochs after the first
+    (None with fewer than 2 epochs)."""
+    seconds = summary.get("history", {}).get("epoch_seconds", [])[1:]
+    return float(np.median(seconds)) if seconds else None
 
 
 def _steps_in_calls(calls, steps_per_epoch, steps_per_execution):

@@ -43,6 +43,30 @@ def test_keras_behaviour_the_base_model_works_around_is_unchanged():
     assert "self.total.assign(0)" in inspect.getsource(keras.metrics.Mean.reset_state)
 
 
+def test_per_device_datasets_are_built_without_autotune(monkeypatch):
+    # distribute._per_device_datasets_without_autotune (applied by the
+    # multi-worker strategy): the per-device stage of a MultiDeviceIterator
+    # (what a distributed dataset's iterator feeds each device through) is
+    # built with tf.data autotuning off, and still yields the elements. Its
+    # autotuning thread made deleting the iterator wait up to 60 s.
+    import tensorflow as tf
+    from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
+
+    assert list(inspect.signature(mdi._create_device_dataset).parameters) == [
+        "prototype_ds", "incarnation_id", "prefetch_buffer_size", "experimental_slack"]
+    monkeypatch.setattr(mdi, "_create_device_dataset", mdi._create_device_dataset)
+    built = []
+    distribute._per_device_datasets_without_autotune()
+    distribute._per_device_datasets_without_autotune()  # once is enough
+    patched = mdi._create_device_dataset
+    monkeypatch.setattr(mdi, "_create_device_dataset",
+                        lambda *a, **k: built.append(patched(*a, **k)) or built[-1])
+    it = mdi.OwnedMultiDeviceIterator(tf.data.Dataset.range(5), ["/cpu:0"])
+    assert [int(it.get_next()[0]) for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert len(built) == 1 and built[0].options().autotune.enabled is False
+    assert distribute.without_autotune(tf.data.Dataset.range(2)).options().autotune.enabled is False
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_packed_logs_unpack_to_the_same_logs(monkeypatch, replicas):
     # The multi-worker path of SSLModel._make_function (one packed tensor for

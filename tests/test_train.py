@@ -72,6 +72,11 @@ def test_run_writes_summary_labeled_ids_and_exports(tmp_path):
     ids = json.load(open(tmp_path / "run" / "labeled_ids.json"))
     assert len(ids["indices"]) == 30 and np.bincount(ids["labels"]).tolist() == [3] * 10
     assert summary["history"]["knn_top1"] and summary["history"]["val_top1"]
+    # each epoch's wall time (steps, evaluations, backup), in the logs too
+    epoch_seconds = summary["history"]["epoch_seconds"]
+    assert len(epoch_seconds) == 2 and all(0 < t < summary["train_seconds"] for t in epoch_seconds)
+    assert sum(epoch_seconds) <= summary["train_seconds"]
+    assert "epoch_seconds" in open(tmp_path / "run" / "log.csv").readline().split(",")
 
 
 def test_run_under_mirrored_strategy_on_two_cpu_devices(tmp_path):

@@ -321,6 +321,27 @@ def _prepare(cfg: TrainConfig):
             scratch)
 
 
+class _EpochSeconds:
+    """Adds ``epoch_seconds`` to each epoch's logs (TensorBoard, log.csv,
+    ``summary.json``'s history): the wall time from the epoch's start to its
+    end, the evaluations and backups of the callbacks before it included. Unlike
+    ``train_seconds`` it leaves out what ``fit`` does before the first epoch and
+    after the last, so the epochs after the first give the steady throughput."""
+
+    def __new__(cls):
+        import keras
+
+        class EpochSeconds(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                if logs is not None:
+                    logs["epoch_seconds"] = time.perf_counter() - self.start
+
+        return EpochSeconds()
+
+
 class _SameResumePoint:
     """Multi-worker only, right after BackupAndRestore: checks that every worker
     restored the same epoch and optimizer step (a worker that cannot see the
@@ -412,20 +433,23 @@ def _peer_loss(multi_worker: bool, what_now: str):
 def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabeled_views, b_u,
            support):
     import keras
-    import tensorflow as tf
 
     from tfssl import data, distribute, evaluation, export
 
     replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
 
+    multi_worker = distribute.is_multi_worker(strategy)
+    # Beyond one host the input runs without tf.data autotuning: its thread
+    # delays the iterator's deletion by up to 60 s (distribute.without_autotune).
+    finish = distribute.without_autotune if multi_worker else (lambda ds: ds)
+
     def stream(input_context=None):
-        return data.semi_supervised(
+        return finish(data.semi_supervised(
             source, labeled_ids, labeled_views, cfg.batch_size, unlabeled_views, b_u,
             include_labeled_in_unlabeled=_include_labeled(cfg), seed=cfg.seed,
-            deterministic=cfg.deterministic, support=support, input_context=input_context)
+            deterministic=cfg.deterministic, support=support, input_context=input_context))
 
-    multi_worker = distribute.is_multi_worker(strategy)
     # Beyond one host each worker builds only its slice of every global batch
     # (same order as one process; no worker augments another's images).
     train_ds = (strategy.distribute_datasets_from_function(stream) if multi_worker
@@ -437,7 +461,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     crop = 0.875 if side > 96 else None  # ImageNet-scale: resize 256, centre 224
     test_ds = data.evaluation(source.test(), side, eval_bs, crop)
     bank_ds = data.evaluation(source.subset(labeled_ids), side, eval_bs, crop)
-    test_ds, bank_ds = (distribute.shard_by_data(d) for d in (test_ds, bank_ds))
+    test_ds, bank_ds = (finish(distribute.shard_by_data(d)) for d in (test_ds, bank_ds))
 
     with strategy.scope():
         try:
@@ -474,6 +498,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                      os.path.join(cfg.workdir, "tensorboard"),
                      profile_batch=(tuple(int(b) for b in cfg.profile_batches) or 0)
                      if distribute.is_chief(strategy) else 0),
+                 _EpochSeconds(),  # (before the loggers, after the epoch-end work)
                  keras.callbacks.CSVLogger(os.path.join(cfg.workdir, "log.csv"), append=True),
                  *callbacks]
     verbose = cfg.verbose

@@ -3,7 +3,7 @@ AHCL variants, plain MoCo v2, and the negative-free BYOL form."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import keras
 import numpy as np
