@@ -63,26 +63,6 @@ def test_two_replicas_match_one_device_with_loss_scaling():
     assert any("dynamic_scale" in k for k in one)
 
 
-def _counting_collectives(monkeypatch):
-    """Patches ReplicaContext.all_reduce / all_gather to record (kind, dtype)
-    per call (made at trace time)."""
-    calls = []
-    reduce, gather = tf.distribute.ReplicaContext.all_reduce, tf.distribute.ReplicaContext.all_gather
-
-    def counting_reduce(self, op, value, options=None):
-        dtypes = {t.dtype for t in tf.nest.flatten(value)}
-        calls.append(("all_reduce", tuple(sorted(d.name for d in dtypes))))
-        return reduce(self, op, value, options)
-
-    def counting_gather(self, value, axis, options=None):
-        calls.append(("all_gather", (value.dtype.name,)))
-        return gather(self, value, axis, options)
-
-    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_reduce", counting_reduce)
-    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather", counting_gather)
-    return calls
-
-
 def test_sum_and_gather_is_one_all_reduce_per_dtype(monkeypatch):
     # distribute.sum_and_gather on 2 replicas: the sums and the (static-shape)
     # gathers of each dtype share one all-reduce; the gathered rows come back
@@ -204,6 +184,26 @@ def test_all_gather_and_mean_across_replicas():
     np.testing.assert_array_equal(distribute.all_gather(tf.ones([3])), np.ones(3))
 
 
+def _counting_collectives(monkeypatch):
+    """Patches ReplicaContext.all_reduce / all_gather to record (kind, dtype)
+    per call (made at trace time)."""
+    calls = []
+    reduce, gather = tf.distribute.ReplicaContext.all_reduce, tf.distribute.ReplicaContext.all_gather
+
+    def counting_reduce(self, op, value, options=None):
+        dtypes = {t.dtype for t in tf.nest.flatten(value)}
+        calls.append(("all_reduce", tuple(sorted(d.name for d in dtypes))))
+        return reduce(self, op, value, options)
+
+    def counting_gather(self, value, axis, options=None):
+        calls.append(("all_gather", (value.dtype.name,)))
+        return gather(self, value, axis, options)
+
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_reduce", counting_reduce)
+    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather", counting_gather)
+    return calls
+
+
 def test_all_gather_many_equals_one_gather_per_tensor_with_one_collective_per_dtype(
         monkeypatch):
     # distribute.all_gather_many: per tensor the same values, shapes and
@@ -214,12 +214,7 @@ def test_all_gather_many_equals_one_gather_per_tensor_with_one_collective_per_dt
     a = tf.constant(rng.uniform(size=[2, 3, 2, 2]).astype("float32"))
     b = tf.constant(rng.integers(-1, 1000, [2, 5]))
     c = tf.constant(rng.uniform(size=[2, 4]).astype("float32"))
-    calls = []
     gather = tf.distribute.ReplicaContext.all_gather
-
-    def counting(self, value, axis, options=None):
-        calls.append(value.dtype)
-        return gather(self, value, axis, options)
 
     @tf.function
     def run(fused):
@@ -231,10 +226,10 @@ def test_all_gather_many_equals_one_gather_per_tensor_with_one_collective_per_dt
             return [gather(ctx, t, 0) for t in parts]
         return strategy.run(fn)
 
-    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather", counting)
+    calls = _counting_collectives(monkeypatch)
     got = run(True)
     # one call per dtype on each replica
-    assert len(calls) == 4 and calls.count(tf.float32) == calls.count(tf.int64) == 2
+    assert sorted(calls) == sorted(2 * [("all_gather", ("float32",)), ("all_gather", ("int64",))])
     want = run(False)
     for g, w, t in zip(got, want, (a, b, c)):
         for gl, wl in zip(strategy.experimental_local_results(g),
@@ -259,11 +254,7 @@ def test_all_gather_with_ids_is_exact_with_one_collective_where_float32_is(monke
     ids = tf.constant([[0, 7, -1], [99, 3, 5]], tf.int64)
     if num_ids > 2 ** 24:
         ids = ids + 2 ** 24 + 1
-    calls = []
-    gather = tf.distribute.ReplicaContext.all_gather
-    monkeypatch.setattr(tf.distribute.ReplicaContext, "all_gather",
-                        lambda self, v, axis, options=None: calls.append(1) or gather(
-                            self, v, axis, options))
+    calls = _counting_collectives(monkeypatch)
 
     @tf.function
     def run():
@@ -273,7 +264,9 @@ def test_all_gather_with_ids_is_exact_with_one_collective_where_float32_is(monke
         return strategy.run(fn)
 
     gx, gids = run()
-    assert len(calls) == (2 if num_ids <= 2 ** 24 else 4)
+    want = [("all_gather", ("float32",))] if num_ids <= 2 ** 24 else [
+        ("all_gather", ("float32",)), ("all_gather", ("int64",))]
+    assert sorted(calls) == sorted(2 * want), calls
     for r in range(2):
         np.testing.assert_array_equal(strategy.experimental_local_results(gx)[r],
                                       tf.reshape(x, [6, 2]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
@@ -273,6 +273,14 @@ def all_gather(x: tf.Tensor, axis: int = 0) -> tf.Tensor:
     return ctx.all_gather(x, axis=axis)
 
 
+def _dtype_groups(tensors) -> List[List[int]]:
+    """The positions of ``tensors`` grouped by dtype (one collective each)."""
+    groups: Dict[tf.DType, List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())
+
+
 def all_gather_many(tensors) -> list:
     """``[all_gather(t) for t in tensors]`` (axis 0, no gradient), with one
     all-gather per dtype instead of one per tensor.
@@ -289,10 +297,7 @@ def all_gather_many(tensors) -> list:
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return tensors
     out = [None] * len(tensors)
-    groups = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    for idx in groups.values():
+    for idx in _dtype_groups(tensors):
         flat = [tf.reshape(tensors[i], [-1]) for i in idx]
         rows = ctx.all_gather(tf.concat(flat, 0)[None], axis=0)  # [R, T]
         for i, part in zip(idx, tf.split(rows, tf.stack([tf.size(f) for f in flat]), axis=1)):
@@ -358,10 +363,7 @@ def sum_and_gather(summed, gathered=()):
         slotted.append(tf.ensure_shape(rows, [n_rep] + t.shape.as_list()))
     inputs = summed + slotted
     outputs = [None] * len(inputs)
-    groups = {}
-    for i, t in enumerate(inputs):
-        groups.setdefault(t.dtype, []).append(i)
-    for idx in groups.values():
+    for idx in _dtype_groups(inputs):
         for i, x in zip(idx, ctx.all_reduce(tf.distribute.ReduceOp.SUM, [inputs[i] for i in idx])):
             outputs[i] = x
     out_gathered = list(gathered)

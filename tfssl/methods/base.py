@@ -34,11 +34,12 @@ from keras.src.backend.tensorflow.trainer import reduce_per_replica
 from tfssl import augment, distribute
 
 
-# What one replica's trace of a train step hands on, keyed by id(model): the
-# global tracker means ``apply_loss`` computed with the gradients ("logs"),
-# which logs ``train_results`` returned from them ("global_logs"), and the
-# trackers that must not be updated any more in this trace ("closed"). Per
-# thread: MirroredStrategy traces each replica's step in a thread of its own.
+# What one replica's trace of a train step hands on: by id(model), the graph
+# and the global tracker means ``apply_loss`` computed with the gradients
+# ("logs": ``train_results`` returns them, the packed multi-worker logs need
+# no collective for them); by id(tracker), the graph in which the tracker must
+# not be updated any more ("closed"). Per thread: MirroredStrategy traces each
+# replica's step in a thread of its own.
 _STEP = threading.local()
 
 # Optimizers (by id) whose gradients ``apply_loss`` has summed over the
@@ -52,7 +53,7 @@ _PRESUMMED_LOCK = threading.Lock()
 
 def _step_state():
     if not hasattr(_STEP, "logs"):
-        _STEP.logs, _STEP.global_logs, _STEP.closed = {}, {}, {}
+        _STEP.logs, _STEP.closed = {}, {}
     return _STEP
 
 
@@ -110,8 +111,7 @@ class Tracker(keras.metrics.Mean):
     update would be left out of the step's logs)."""
 
     def update_state(self, *args, **kwargs):
-        graph, closed = _step_state().closed.get(id(self), (None, False))
-        if closed and graph is _graph() and not tf.executing_eagerly():
+        if _step_state().closed.get(id(self)) is _graph() and not tf.executing_eagerly():
             raise RuntimeError(
                 f"tracker {self.name!r} updated after apply_loss in the same train_step: "
                 "update the trackers before apply_loss (it sums their totals with the "
@@ -317,10 +317,10 @@ class SSLModel(keras.Model):
             keys["all"] = list(logs)
             keys["packed"] = [k for k, v in logs.items() if tf.is_tensor(v) and v.shape.rank == 0]
             out = {k: v for k, v in logs.items() if k not in keys["packed"]}
-            # Logs that apply_loss already summed over all replicas (with the
-            # gradients) need no collective; the others share one.
-            graph, done = _step_state().global_logs.pop(id(self), (None, set()))
-            done = done if graph is _graph() else set()
+            # Logs that are apply_loss's global means (summed over all replicas
+            # with the gradients) need no collective; the others share one.
+            graph, fused = _step_state().logs.pop(id(self), (None, {}))
+            done = {k for k, v in fused.items() if graph is _graph() and logs.get(k) is v}
             if keys["packed"]:
                 values = [tf.cast(logs[k], tf.float32) for k in keys["packed"]]
                 todo = [i for i, k in enumerate(keys["packed"]) if k not in done]
@@ -570,9 +570,8 @@ class SSLModel(keras.Model):
         ``apply_loss`` summed with the gradients (trackers updated before it)
         come from there, with no collective of their own."""
         state = _step_state()
-        graph, fused = state.logs.pop(id(self), (None, {}))
+        graph, fused = state.logs.get(id(self), (None, {}))
         fused = fused if graph is _graph() else {}
-        state.global_logs[id(self)] = (_graph(), set(fused))
         for m in self._train_trackers:
             state.closed.pop(id(m), None)
         return {m.name: fused[m.name] if m.name in fused else m.result()
@@ -612,7 +611,7 @@ class SSLModel(keras.Model):
         grads = tape.gradient(loss, variables, output_gradients=seed)
         ctx = tf.distribute.get_replica_context()
         for m in self._train_trackers:  # (see Tracker: updates end here)
-            _step_state().closed[id(m)] = (_graph(), True)
+            _step_state().closed[id(m)] = _graph()
         if ctx is None or ctx.num_replicas_in_sync == 1:
             self.optimizer.apply(grads, variables)
             gathered = [tf.stop_gradient(tf.convert_to_tensor(t)) for t in gather]
