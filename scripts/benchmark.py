@@ -384,6 +384,12 @@ def multi_worker_bench():
         if rc:
             raise SystemExit(f"the workers failed (rc {rc}); logs in {out}/logs")
         one, many = json.load(open(one_json)), json.load(open(many_json))
+        # Both steps against the one process's peak (2 threads: the machine);
+        # the N-worker step does the same global batch's FLOPs.
+        flops = (f"{one['step_gflops']:.1f} GFLOP a step, peak {one['peak_gflops']:.0f} GFLOP/s "
+                 f"(1 process), MFU {one['mfu']:.2f} vs "
+                 f"{one['step_gflops'] / many['step_s'] / one['peak_gflops']:.2f}, "
+                 f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; ")
         setup = (f"{F.backbone} {F.image_size}px B={one.get('labeled_batch', F.batch_size)} "
                  f"B_u={F.unlabeled_batch_size}"
                  f"{', ' + F.optimizer if F.optimizer != 'sgd' else ''}, random tensors")
@@ -392,8 +398,10 @@ def multi_worker_bench():
                  f"{one['step_s']:.3f} s / {one['images_per_s']:.1f} | "
                  f"{many['step_s']:.3f} s / {many['images_per_s']:.1f} | "
                  f"{many['images_per_s'] / one['images_per_s']:.2f} | {many['allreduce_s']:.3f} s "
-                 f"({many['allreduce_s'] / many['step_s']:.0%}) | {F.note or '-'} |\n"]
-    # The digits run: scripts/train.py end to end (input pipeline included).
+                 f"({many['allreduce_s'] / many['step_s']:.0%}) | {flops}{F.note or '-'} |\n"]
+    # The digits run: scripts/train.py end to end (input pipeline included),
+    # after the peak of this machine now (this process: all its threads).
+    peak = _peak_gflops()
     flags_run = [f"--flagfile={os.path.join(ROOT, F.flagfile_to_run)}", f"--method={F.method}",
                  f"--epochs={F.digits_epochs}", "--eval_every=1000", "--export_dir=", "--verbose=0",
                  *F.digits_args]
@@ -425,9 +433,14 @@ def multi_worker_bench():
     per_epoch = steps // F.digits_epochs
     one_ep, many_ep = (_steady_epoch(x) for x in (a, b))
     if one_ep and many_ep:
+        gflops = _train_step_gflops(a)
+        mfu = ("" if gflops is None else
+               f", {gflops:.2f} GFLOP a step, MFU {gflops * per_epoch / one_ep / peak:.3f} vs "
+               f"{gflops * per_epoch / many_ep / peak:.3f}")
         prof = (f"epochs 2-{F.digits_epochs}: {1e3 * one_ep / per_epoch:.1f} vs "
-                f"{1e3 * many_ep / per_epoch:.1f} ms a step, ratio {one_ep / many_ep:.2f}; "
-                + prof)
+                f"{1e3 * many_ep / per_epoch:.1f} ms a step, ratio {one_ep / many_ep:.2f}"
+                f"{mfu} (peak {peak:.0f} GFLOP/s, TF_ENABLE_ONEDNN_OPTS="
+                f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}); " + prof)
     rows.append(
         f"| {datetime.date.today()} | {_commit()} | {F.method} | {F.flagfile_to_run}, "
         f"{F.digits_epochs} epochs{' ' + ' '.join(F.digits_args) if F.digits_args else ''}, "
@@ -443,6 +456,24 @@ def multi_worker_bench():
 
 
 PROFILED = (5, 10)  # digits batches traced in both runs of multi_worker (the chief's trace)
+
+
+def _train_step_gflops(summary):
+    """Model GFLOPs of one training step of a train.py run (its flags, its
+    model), counted as ``STEP_PASSES`` counts them; None for a method without
+    a count (PAWS: its views are of two sizes)."""
+    from tfssl import data, train
+    from tfssl.models.flops import forward_flops
+
+    if summary["method"] not in STEP_PASSES:
+        return None
+    cfg = train.TrainConfig(**summary["flags"])
+    source = data.get_source(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.image_size,
+                             cfg.download)
+    model, _ = train.build_model(cfg, source, labeled_ids=np.arange(summary["num_labeled"]))
+    fwd = forward_flops(model.encoder) + (forward_flops(model.head)
+                                          if getattr(model, "head", None) is not None else 0)
+    return fwd * STEP_PASSES[cfg.method](cfg.batch_size, cfg.unlabeled_batch_size or 0) / 1e9
 
 
 def _steady_epoch(summary):
