@@ -69,13 +69,11 @@ class ASCL(SSLModel):
         self.proj_dims, self.t1, self.t2 = tuple(proj_dims), t1, t2
         self.momentum, self.seed = momentum, seed
         self.projector = heads.mlp(self.proj_dims, self.feature_dim, name="projector")
-        self.key_encoder = keras.models.clone_model(self.encoder)
-        self.key_projector = keras.models.clone_model(self.projector)
-        self._momentum_pairs = []
-        for t, s in ((self.key_encoder, self.encoder), (self.key_projector, self.projector)):
-            t.set_weights(s.get_weights())
-            self._momentum_pairs += list(zip(t.trainable_weights, s.trainable_weights))
-            t.trainable = False
+        # Momentum copies run in train mode (batch statistics), as the official
+        # key encoder does; the optimizer never sees them.
+        self.key_encoder, pairs_f = self.momentum_copy(self.encoder)
+        self.key_projector, pairs_g = self.momentum_copy(self.projector)
+        self._momentum_pairs = pairs_f + pairs_g
         d = self.proj_dims[-1]
         init = np.random.default_rng(seed).normal(size=(queue_size, d)).astype("float32")
         self.queue = self.state_variable("queue", (queue_size, d))
@@ -137,9 +135,7 @@ class ASCL(SSLModel):
         return tf.stop_gradient(tf.scatter_nd(perm[:, None], k, tf.shape(k)))
 
     def _update_key_encoder(self):
-        m = self.momentum
-        for t, s in self._momentum_pairs:
-            t.assign(m * t + (1.0 - m) * tf.convert_to_tensor(s))
+        self.momentum_update(self._momentum_pairs, self.momentum)
 
     @staticmethod
     def _gather_keys(k, labels):

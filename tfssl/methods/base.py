@@ -515,6 +515,68 @@ class SSLModel(keras.Model):
         return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer,
                                trainable=False, aggregation="only_first_replica")
 
+    def momentum_copy(self, source: keras.Model, name: Optional[str] = None):
+        """A copy of ``source`` (same architecture and weights) that the
+        optimizer never updates: a momentum key encoder or an EMA teacher.
+
+        The copy stays ``trainable`` in the Keras sense, so that its forward
+        with ``training=True`` normalises with the batch's statistics and
+        updates its own BN moving statistics, as the official code's momentum
+        and EMA networks do (PyTorch modules in train mode). Keras's
+        ``trainable = False`` would instead put every BatchNormalization of the
+        copy in inference mode, on moving statistics that nothing updates. Its
+        weights are left out of ``trainable_weights`` (so out of the
+        optimizer's variables and of ``apply_loss``'s default) and listed in
+        ``non_trainable_weights``.
+
+        Returns:
+          (copy, pairs): the copy, and ``[(copy_weight, source_weight)]`` over
+          the source's trainable weights (what a momentum update averages:
+          parameters only, not BN statistics).
+        """
+        copy = keras.models.clone_model(source)
+        if name is not None:
+            copy.name = name
+        copy.set_weights(source.get_weights())
+        if not hasattr(self, "_momentum_ids"):
+            self._momentum_ids = set()
+        self._momentum_ids.update(id(v) for v in copy.trainable_weights)
+        return copy, list(zip(copy.trainable_weights, source.trainable_weights))
+
+    @staticmethod
+    def momentum_update(pairs, m: float):
+        """``t <- m t + (1 - m) s`` for each (t, s) of ``momentum_copy``'s pairs."""
+        for t, s in pairs:
+            t.assign(m * t + (1.0 - m) * tf.convert_to_tensor(s))
+
+    def _split_momentum(self, trainable, non_trainable):
+        """(trainable less the ``momentum_copy`` parameters, non-trainable plus them)."""
+        excluded = getattr(self, "_momentum_ids", None)
+        if not excluded:
+            return list(trainable), list(non_trainable)
+        return ([v for v in trainable if id(v) not in excluded],
+                list(non_trainable) + [v for v in trainable if id(v) in excluded])
+
+    @property
+    def trainable_weights(self):
+        """Keras's trainable weights less those of the ``momentum_copy`` networks."""
+        return self._split_momentum(super().trainable_weights, ())[0]
+
+    @property
+    def trainable_variables(self):
+        """What the optimizer updates: as Keras's, less the ``momentum_copy`` networks."""
+        return self._split_momentum(super().trainable_variables, ())[0]
+
+    @property
+    def non_trainable_weights(self):
+        """Keras's non-trainable weights plus the ``momentum_copy`` networks' parameters."""
+        return self._split_momentum(super().trainable_weights, super().non_trainable_weights)[1]
+
+    @property
+    def non_trainable_variables(self):
+        return self._split_momentum(super().trainable_variables,
+                                    super().non_trainable_variables)[1]
+
     def init_ema(self):
         """Creates the EMA copies of the encoder/classifier trainable weights.
         Call at the end of a subclass ``__init__`` (after all heads exist)."""

@@ -157,19 +157,15 @@ class SimMatch(SSLModel):
     def _build_teacher(self):
         """An EMA copy of encoder, classifier and projector (parameters only:
         its BN statistics are its own, from its train-mode forwards)."""
-        self.teacher_encoder = keras.models.clone_model(self.encoder)
-        self.teacher_head = keras.layers.Dense(self.num_classes, name="teacher_classifier")
-        self.teacher_head.build((None, self.feature_dim))
-        parts = [(self.teacher_encoder, self.encoder), (self.teacher_head, self.head)]
+        self.teacher_encoder, pairs = self.momentum_copy(self.encoder)
+        head_in = keras.Input((self.feature_dim,))
+        self.teacher_head, head_pairs = self.momentum_copy(
+            keras.Model(head_in, self.head(head_in)), name="teacher_classifier")
+        pairs += head_pairs
         self.teacher_projector = None
         if self.projector is not None:
-            self.teacher_projector = keras.models.clone_model(self.projector)
-            parts.append((self.teacher_projector, self.projector))
-        pairs = []
-        for t, s in parts:
-            t.set_weights(s.get_weights())
-            pairs += list(zip(t.trainable_weights, s.trainable_weights))
-            t.trainable = False
+            self.teacher_projector, proj_pairs = self.momentum_copy(self.projector)
+            pairs += proj_pairs
         self.teacher_net = (self.teacher_encoder, self.teacher_head, self.teacher_projector)
         self._teacher_pairs = pairs
 
@@ -266,9 +262,7 @@ class SimMatch(SSLModel):
             tf.debugging.assert_non_negative(slots, "a labeled index is not in the bank")
             self.bank.assign(memory_bank.bank_write(bank, slots, keys, self.bank_momentum))
         if self.teacher_net is not None:
-            m = self.teacher_momentum
-            for t, s in self._teacher_pairs:
-                t.assign(m * t + (1.0 - m) * tf.convert_to_tensor(s))
+            self.momentum_update(self._teacher_pairs, self.teacher_momentum)
         return self.train_results()
 
     def get_config(self):
