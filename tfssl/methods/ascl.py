@@ -126,8 +126,11 @@ class ASCL(SSLModel):
         return tf.math.l2_normalize(tf.cast(projector(encoder(x, training=training)),
                                             tf.float32), axis=-1)
 
-    def _keys(self, x):
-        """Momentum-encoder keys, with the batch shuffled around the encoder."""
+    def _keys(self, x, shuffle=True):
+        """Momentum-encoder keys, with the batch shuffled around the encoder
+        (``shuffle``; the official BYOL form does not shuffle)."""
+        if not shuffle:
+            return tf.stop_gradient(self._project(self.key_encoder, self.key_projector, x))
         n = tf.shape(x)[0]
         step = tf.cast(self.optimizer.iterations, tf.int64)
         perm = tf.argsort(tf.random.stateless_uniform([n], tf.stack([np.int64(self.seed), step])))
@@ -209,12 +212,17 @@ class MoCo(ASCL):
 
 class ASCLBYOL(ASCL):
     """ASCL's negative-free (BYOL) form: no queue of negatives. An online predictor
-    ``Dense(512) -> BN -> ReLU -> Dense(128)`` maps q to p; the soft labels are
-    built over the keys of the other samples of the global batch
-    (``d_j = softmax_{j != i}(k_i . k_j / T2)``, then the same ascl/ahcl/hard rule),
-    and the loss is the soft-weighted BYOL regression
+    ``Dense(512) -> BN -> ReLU -> Dense(128)`` maps the projector's output
+    (unnormalised, as the official code) to p = normalize(pred(g(f(x_query))));
+    keys ``k = sg(normalize(g_k(f_k(x_key))))`` (no batch shuffle, as the
+    official BYOL form). With ``kind="ascl"`` the soft labels are built over the
+    keys of the other samples of the global batch
+    (``d_j = softmax_{j != i}(k_i . k_j / T2)``, then the ascl rule); every other
+    kind is plain BYOL (the official code uses neighbours only for ``ascl``:
+    y = 1 on the sample's own key). The loss is the soft-weighted BYOL regression
     ``L = mean_i sum_j y_ij ||p_i - k_j||^2`` over ``j in {i} + others``
-    (= 2 - 2 cos for unit vectors; y_i0 on the sample's own key).
+    (= 2 - 2 sum_j y_ij p_i . k_j for unit vectors; y_i0 on the sample's own
+    key). The official code returns the per-sample loss; its mean is ours.
 
     The predictor's BN is synchronised (global-batch statistics under a
     strategy). The queue variables exist (unused by the loss) so that diagnostics and the
@@ -232,7 +240,7 @@ class ASCLBYOL(ASCL):
         unl = self.unpack(data)["unlabeled"]
         labels = tf.cast(unl["label"], tf.int64) if "label" in unl else -tf.ones(
             tf.shape(unl["key"])[:1], tf.int64)
-        k = self._keys(unl["key"])
+        k = self._keys(unl["key"], shuffle=False)
         gathered = self._gather_keys(k, labels)
         keys = gathered[0]  # [N, D], the global batch
         n = tf.shape(keys)[0]
@@ -247,11 +255,13 @@ class ASCLBYOL(ASCL):
             tf.broadcast_to(tf.range(n)[None], tf.shape(sim)),
             tf.one_hot(own, n) < 1), [-1, n - 1])
         d = tf.gather(d_all, others, batch_dims=1)
-        y = tf.stop_gradient(targets.ascl_soft_labels(d, self.kind, self.num_neighbours))
+        # Only kind "ascl" uses neighbours in the official BYOL form.
+        y = tf.stop_gradient(targets.ascl_soft_labels(
+            d, "ascl" if self.kind == "ascl" else "moco", self.num_neighbours))
         cand = tf.concat([k[:, None], tf.gather(keys, others)], axis=1)  # [B, N, D]
         with tf.GradientTape() as tape:
-            q = self._project(self.encoder, self.projector, unl["query"])
-            p = tf.math.l2_normalize(tf.cast(self.predictor(q, training=True), tf.float32), -1)
+            g = tf.cast(self.projector(self.encoder(unl["query"], training=True)), tf.float32)
+            p = tf.math.l2_normalize(tf.cast(self.predictor(g, training=True), tf.float32), -1)
             dist = tf.reduce_sum(tf.square(p[:, None] - cand), axis=-1)  # [B, N]
             loss = tf.reduce_mean(tf.reduce_sum(y * dist, axis=-1))
         self._diagnostics(loss, d, labels, tf.gather(gathered[1], others))

@@ -30,7 +30,8 @@ class SimMatch(SSLModel):
          embedding ``z^s`` of the strong views; teacher probabilities ``p`` and
          embeddings ``z^w`` of the weak views, embeddings ``k`` of the labeled.
       2. DA: ``p <- normalize(p / mean(queue))``, the queue holding the last
-         ``da_len`` batch means (averaged over replicas).
+         ``da_len`` batch means (averaged over replicas; this step's included),
+         the mean over the rows filled so far (the queue starts empty).
       3. After ``warmup_steps`` (one epoch: the bank is filling):
          ``q^w = softmax(z^w . bank^T / t)``,
          ``q_hat = normalize(q^w * unfold(p))``,
@@ -121,8 +122,9 @@ class SimMatch(SSLModel):
             self.slot_of = self.state_variable("slot_of", (num_train,), "int64")
             self.slot_of.assign(slot_of)
         if da_len:
+            # Empty (zeros) until written; DA divides by the mean of the filled
+            # rows (the official queue starts at zeros).
             self.da_queue = self.state_variable("da_queue", (da_len, num_classes))
-            self.da_queue.assign(tf.fill([da_len, num_classes], 1.0 / num_classes))
             self.da_pointer = self.state_variable("da_pointer", (), "int64")
         self.teacher_net = None
         if teacher == "ema":
@@ -221,7 +223,7 @@ class SimMatch(SSLModel):
                 queue, pointer = memory_bank.queue_push(tf.convert_to_tensor(self.da_queue),
                                                         tf.convert_to_tensor(self.da_pointer),
                                                         batch_mean[None])
-                p = targets.distribution_alignment(p, tf.reduce_mean(queue, 0))
+                p = targets.distribution_alignment(p, targets.filled_rows_mean(queue))
             p_hat, loss_in = p, tf.constant(0.0)
             if self.uses_bank:
                 q_w = similarity.instance_similarity(z_w, bank, self.temperature)

@@ -132,6 +132,25 @@ def distribution_alignment(p: tf.Tensor, model_mean: tf.Tensor,
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
+def filled_rows_mean(queue: tf.Tensor) -> tf.Tensor:
+    """Mean of the rows of a zero-initialised queue of distributions that have
+    been written (rows that sum to more than 0): ``1/|F| sum_{r in F} queue_r``.
+
+    SimMatch's DA queue starts empty: the official code divides by the mean of
+    a zero-initialised queue, which after the row normalisation equals the mean
+    over the filled rows (the zeros only scale it).
+
+    Args:
+      queue: [L, C] rows of batch-mean probabilities, zeros where unwritten.
+
+    Returns:
+      [C] (zeros if no row is filled).
+    """
+    filled = tf.cast(tf.reduce_sum(queue, axis=-1) > 0, queue.dtype)
+    return tf.reduce_sum(queue * filled[:, None], axis=0) / tf.maximum(tf.reduce_sum(filled), 1.0)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
 def thresholded_cross_entropy(p_hat: tf.Tensor, logits: tf.Tensor, threshold: float,
                               hard: bool = False) -> tuple:
     """Confidence-masked pseudo-label loss (FixMatch / SimMatch):
