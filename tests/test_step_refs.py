@@ -175,8 +175,9 @@ def test_ascl_step_matches_numpy(kind):
     Mutants that fail: T1 and T2 swapped; the queue written before it is read
     (each key its own negative); the clip after the normalisation; ``d`` from q
     instead of k; keys from the online encoder; the confidence over log(B)
-    instead of log(queue size); enqueue at 0 instead of the pointer; keys
-    momentum-updated towards the pre-step weights.
+    instead of log(queue size) (``n = tf.shape(d)[0]``); enqueue at 0 instead of
+    the pointer; keys momentum-updated towards the pre-step weights; labels
+    not normalised.
     (A stop-gradient on k/y cannot matter: nothing trainable feeds them.)
     """
     qsize, b, kn, t1, t2, mom = 8, 4, 2, 0.1, 0.05, 0.9
@@ -240,7 +241,7 @@ def test_ascl_byol_step_matches_numpy(kind):
 
     Mutants that fail: the predictor fed the normalised q (the old code);
     neighbours used by kind ``hard`` (the old code); a sample's own key left
-    among its "others"; the confidence over log(B); labels not normalised.
+    in the softmax normaliser of d; the confidence over log(B).
     """
     b, kn, t2, mom = 4, 2, 0.05, 0.9
     m = ASCLBYOL(_encoder(), kind=kind, num_neighbours=kn, proj_dims=(6, 4), pred_hidden=6,
@@ -307,8 +308,9 @@ def test_simmatch_step_matches_numpy(teacher, da_rows):
     mean); DA skipped; unfolding and aggregation swapped (q_hat from aggregate,
     p_hat from unfold); the bank written before it is read; the mask from p
     instead of p_hat; hard pseudo-labels; the stop-gradient removed from the
-    online teacher's weak logits or embeddings (the update differs);
-    lambda_u / lambda_in swapped; the teacher not EMA-updated.
+    online teacher's weak logits and p_hat, or from its embeddings z^w and
+    q_hat (the update differs); lambda_u / lambda_in swapped; the EMA teacher
+    not updated (the ``ema`` case).
     """
     lam_u, lam_in, alpha, temp, da_len, mom = 0.7, 1.3, 0.9, 0.1, 4, 0.9
     ids = np.arange(0, 2 * N_L, 2)
@@ -405,8 +407,9 @@ def test_fixmatch_step_matches_numpy():
     (no DA, no bank).
 
     Mutants that fail: soft pseudo-labels; the mask dropped; the mean over the
-    masked rows only; the stop-gradient removed from the weak logits (the update
-    differs); lambda_u ignored.
+    masked rows only; lambda_u ignored. (Hard targets and the mask carry no
+    gradient, so the teacher's stop-gradients are checked by the SimMatch test,
+    with soft targets.)
     """
     lam_u = 0.7
     m = FixMatch(_encoder(), C, threshold=0.5, lambda_u=lam_u)
@@ -451,9 +454,10 @@ def test_mixmatch_step_matches_numpy():
     kernels decayed by ``1 - wd * lr`` (biases not); the EMA of the weights.
 
     Mutants that fail: sharpen's T ignored; lambda' = max(l, 1 - l) dropped;
-    L_u summed over classes; the guess with gradient (stop-gradient removed);
-    the guess from one augmentation only; the ramp counted from step + 1;
-    weight decay on the biases too; the EMA taken after the decay.
+    L_u summed over classes; the guess from one augmentation only; the ramp
+    counted from step + 1; weight decay on the biases too; the EMA updated
+    again after the decay. (The guess is computed outside the tape, so a
+    missing stop-gradient on it is not a reachable mutant.)
     """
     b, t, alpha, lam_u, ramp, wd, ema, seed, step = 3, 0.5, 0.75, 10.0, 64, 0.02, 0.9, 3, 3
     m = MixMatch(_encoder(), C, temperature=t, alpha=alpha, lambda_u=lam_u, rampup_images=ramp,
@@ -611,7 +615,7 @@ def test_sela_step_matches_numpy():
 def test_supervised_step_matches_numpy():
     """Supervised: ``CE((1 - eps) onehot(y) + eps / C, softmax(f(x)))``.
 
-    Mutants that fail: label smoothing ignored; smoothing as eps / (C - 1).
+    Mutant that fails: label smoothing ignored.
     """
     eps = 0.2
     m = Supervised(_encoder(), C, label_smoothing=eps)
