@@ -30,8 +30,14 @@ def test_mixup_per_sample_lambda_prime_at_least_half():
     lam = np.array([0.1, 0.9, 0.5, 0.3, 0.7, 0.0], "float32")
     perm = np.array([3, 0, 5, 1, 2, 4], "int32")
     xm, pm = targets.mixup(x, p, lam, perm)
+    # The mixing weight of each row's own input, recovered from the op's output
+    # (x' - x_perm = l' (x - x_perm)): l' = max(l, 1 - l), never below 1/2.
+    # Mutant that fails: lambda' = lambda (the max dropped).
+    diff = (x - x[perm]).reshape(6, -1)
+    got = ((xm.numpy() - x[perm]).reshape(6, -1) * diff).sum(-1) / (diff ** 2).sum(-1)
     lp = np.maximum(lam, 1 - lam)
-    assert (lp >= 0.5).all()
+    np.testing.assert_allclose(got, lp, rtol=1e-4)
+    assert (got >= 0.5 - 1e-5).all()
     np.testing.assert_allclose(xm.numpy(), lp[:, None, None, None] * x
                                + (1 - lp[:, None, None, None]) * x[perm], rtol=1e-6)
     np.testing.assert_allclose(pm.numpy(), lp[:, None] * p + (1 - lp[:, None]) * p[perm], rtol=1e-6)

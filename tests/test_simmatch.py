@@ -121,7 +121,7 @@ def test_step_reads_the_bank_before_writing_it():
     h_x = m.encoder(batch["labeled"]["weak"])
     z_w, z_s, k = (_unit(m.projector(h).numpy()) for h in (h_w, h_s, h_x))
     p = _softmax(m.head(h_w).numpy())
-    p = p * (0.1 + 1e-6) / (p.mean(0) * (1 / 32) + (31 / 32) * 0.1 + 1e-6)  # DA, queue of 32
+    p = p * (0.1 + 1e-6) / (p.mean(0) + 1e-6)  # DA: the queue's one filled row
     p /= p.sum(-1, keepdims=True)
     labels = m.bank_labels.numpy()
 
@@ -165,23 +165,37 @@ def test_fixmatch_two_replicas_match_one_device():
     testing.assert_replicas_match(build, _batches(3), steps=3)
 
 
-def test_resume_restores_bank_and_da_queue(tmp_path):
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_resume_restores_bank_and_da_queue(tmp_path, norm):
+    """State and the EMA teacher survive save/load; with ``norm="batch"`` that
+    includes the teacher's own BN moving statistics (from its train-mode
+    forwards). Mutant that fails: the teacher's forward in inference mode (its
+    BN statistics never move)."""
     keras.utils.set_random_seed(0)
-    m = _simmatch(teacher="ema")
+    m = _simmatch(norm, teacher="ema")
     m.compile(optimizer=keras.optimizers.Adam(0.01))
     m.fit(_batches(3), epochs=1, steps_per_epoch=3, verbose=0)
+    moving = [(t, s) for t, s in zip(m.teacher_encoder.non_trainable_weights,
+                                     m.encoder.non_trainable_weights) if "moving" in t.path]
+    assert bool(moving) == (norm == "batch")
+    for t, s in moving:  # the teacher's statistics moved from their initial 0 / 1 ...
+        assert t.shape == s.shape
+        assert np.abs(t.numpy() - (0.0 if "mean" in t.path else 1.0)).max() > 1e-4, t.path
+    if moving:  # ... and are its own, not the student's
+        assert any(not np.allclose(t.numpy(), s.numpy()) for t, s in moving)
     path = str(tmp_path / "w.weights.h5")
     m.save_weights(path)
     keras.utils.set_random_seed(1)
-    m2 = _simmatch(teacher="ema")
+    m2 = _simmatch(norm, teacher="ema")
     m2.compile(optimizer=keras.optimizers.Adam(0.01))
     m2.optimizer.build(m2.trainable_variables)
     m2.load_weights(path)
     for name in ("bank", "bank_labels", "da_queue", "da_pointer"):
         np.testing.assert_array_equal(getattr(m2, name).numpy(), getattr(m, name).numpy())
     assert int(m2.da_pointer.numpy()) == 3
+    assert len(m2.teacher_encoder.weights) == len(m.teacher_encoder.weights)
     for a, b in zip(m2.teacher_encoder.weights, m.teacher_encoder.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.path)
 
 
 @pytest.mark.parametrize("name", ["simmatch", "fixmatch"])
@@ -189,9 +203,22 @@ def test_fit_loss_falls(name):
     keras.utils.set_random_seed(0)
     m = _simmatch() if name == "simmatch" else FixMatch(_encoder(), 10, threshold=0.5)
     m.compile(optimizer=keras.optimizers.Adam(0.01))
-    h = m.fit(_batches(4).repeat(), epochs=6, steps_per_epoch=4, verbose=0)
-    assert h.history["loss_x"][-1] < 0.7 * h.history["loss_x"][0]
+    h = m.fit(_batches(4).repeat(), epochs=6, steps_per_epoch=4, verbose=0).history
+    assert h["loss_x"][-1] < 0.7 * h["loss_x"][0]
     assert methods.get(name) is type(m)
+    # The unlabeled branch is in the loss and active: the epoch means add up
+    # (every term is a mean over the same steps), pseudo-labels pass the
+    # threshold and their loss is not zero. Mutants that fail: L_u (or L_in)
+    # left out of the total; a mask that never passes (threshold compared with
+    # the wrong side); L_u computed on zero targets. The exact step is in
+    # tests/test_step_refs.py.
+    lam_in = 0.0 if name == "fixmatch" else m.lambda_in
+    np.testing.assert_allclose(
+        h["loss"], np.add(h["loss_x"], np.add(np.multiply(m.lambda_u, h["loss_u"]),
+                                              np.multiply(lam_in, h["loss_in"]))), rtol=1e-5)
+    assert h["mask_rate"][-1] > 0.05 and h["loss_u"][-1] > 0.0
+    if name == "simmatch":
+        assert h["loss_in"][-1] > 0.0
 
 
 def test_config_round_trip_and_from_args():
