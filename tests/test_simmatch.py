@@ -54,6 +54,24 @@ def test_distribution_alignment_matches_numpy():
     np.testing.assert_allclose(targets.distribution_alignment(p, mean).numpy(), want, rtol=1e-5)
 
 
+def test_filled_rows_mean_matches_numpy():
+    """The DA queue's mean over its written rows (zeros = not yet written).
+    Mutant that fails: the mean over all rows (the zeros included)."""
+    rng = np.random.default_rng(7)
+    queue = np.zeros([5, 3], "float32")
+    queue[[0, 3]] = rng.dirichlet(np.ones(3), size=2)
+    np.testing.assert_allclose(targets.filled_rows_mean(queue).numpy(), queue[[0, 3]].mean(0),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(targets.filled_rows_mean(np.zeros([4, 3], "float32")).numpy(),
+                                  np.zeros(3))
+    # Aligning by the mean over all rows would only rescale p before the row
+    # normalisation: the official zero-initialised queue gives the same p.
+    p = rng.dirichlet(np.ones(3), size=4).astype("float32")
+    np.testing.assert_allclose(
+        targets.distribution_alignment(p, targets.filled_rows_mean(queue)).numpy(),
+        (lambda q: q / q.sum(-1, keepdims=True))(p / queue.mean(0)), rtol=1e-4)
+
+
 @pytest.mark.parametrize("hard", [False, True])
 def test_mask_rule_and_mean_over_all_rows(hard):
     p_hat = np.array([[0.96, 0.02, 0.02], [0.5, 0.3, 0.2], [0.05, 0.95, 0.0]], "float32")
