@@ -292,8 +292,9 @@ def _simmatch_batch(rng, b=4, b_u=4):
                           "label": np.array([0, 1, 2, -1])}}
 
 
-@pytest.mark.parametrize("teacher,da_rows", [("online", 0), ("ema", 2)])
-def test_simmatch_step_matches_numpy(teacher, da_rows):
+@pytest.mark.parametrize("teacher,da_rows,bank_m", [("online", 0, 0.0), ("ema", 2, 0.0),
+                                                    ("online", 5, 0.7)])
+def test_simmatch_step_matches_numpy(teacher, da_rows, bank_m):
     """SimMatch (official ``models/simmatch.py`` / USB): ``L_x + lambda_u L_u +
     lambda_in L_in`` with DA (the queue starts EMPTY: the mean over its filled
     rows, this step's batch mean included), ``q^w = softmax(z^w . bank / t)``,
@@ -301,7 +302,8 @@ def test_simmatch_step_matches_numpy(teacher, da_rows):
     aggregation ``p_hat = alpha p + (1 - alpha) sum_j q^w_j onehot(label_j)``
     for L_u with the mask ``max p_hat >= tau`` (mean over all rows); the bank
     read before this step's write of the labeled keys; the DA queue row and
-    pointer; the EMA teacher's update.
+    pointer (here also a full queue whose ring wraps); the EMA teacher's update;
+    USB's blended bank write ``normalize(0.7 bank + 0.3 k)``.
 
     Mutants that fail: the DA queue started uniform (the old code: fails the
     ``da_rows=0`` case, loss_u and loss_in); DA on the wrong side (p times the
@@ -310,7 +312,8 @@ def test_simmatch_step_matches_numpy(teacher, da_rows):
     instead of p_hat; hard pseudo-labels; the stop-gradient removed from the
     online teacher's weak logits and p_hat, or from its embeddings z^w and
     q_hat (the update differs); lambda_u / lambda_in swapped; the EMA teacher
-    not updated (the ``ema`` case).
+    not updated (the ``ema`` case); the blended bank write ignored (the 0.7
+    case); DA from the queue before this step's row.
     """
     lam_u, lam_in, alpha, temp, da_len, mom = 0.7, 1.3, 0.9, 0.1, 4, 0.9
     ids = np.arange(0, 2 * N_L, 2)
@@ -318,13 +321,15 @@ def test_simmatch_step_matches_numpy(teacher, da_rows):
     m = SimMatch(_encoder(), C, labeled_ids=ids, labeled_labels=(ids // 2) % C,
                  num_train=N_TRAIN, proj_dims=(6, 4), temperature=temp, alpha=alpha,
                  threshold=0.5, lambda_u=lam_u, lambda_in=lam_in, da_len=da_len,
-                 teacher=teacher, teacher_momentum=mom, warmup_steps=0)
+                 teacher=teacher, teacher_momentum=mom, warmup_steps=0, bank_momentum=bank_m)
     m.compile(optimizer=keras.optimizers.SGD(LR))
     rng = np.random.default_rng(4)
+    filled = min(da_rows, da_len)
+    ptr = da_rows % da_len
     if da_rows:
-        m.da_queue.assign(np.r_[rng.dirichlet(np.ones(C), da_rows),
-                                np.zeros([da_len - da_rows, C])].astype("float32"))
-        m.da_pointer.assign(da_rows)
+        m.da_queue.assign(np.r_[rng.dirichlet(np.ones(C), filled),
+                                np.zeros([da_len - filled, C])].astype("float32"))
+        m.da_pointer.assign(ptr)
     batch = _simmatch_batch(rng)
     x, y = batch["labeled"]["weak"], batch["labeled"]["label"]
     u_w, u_s = batch["unlabeled"]["weak"], batch["unlabeled"]["strong"]
@@ -354,8 +359,8 @@ def test_simmatch_step_matches_numpy(teacher, da_rows):
         logits_w, z_w, k = t_logits[4:], t_z[4:], t_z[:4]
     p = _softmax(logits_w)
     da = da0.copy()
-    da[da_rows] = p.mean(0)
-    p = p * (1.0 / C + 1e-6) / (da[:da_rows + 1].mean(0) + 1e-6)
+    da[ptr] = p.mean(0)
+    p = p * (1.0 / C + 1e-6) / (da[:min(da_rows + 1, da_len)].mean(0) + 1e-6)
     p /= p.sum(-1, keepdims=True)
     q_w = _softmax(z_w @ bank0.T / temp)
     q_hat = q_w * p[:, bank_labels]
@@ -387,9 +392,10 @@ def test_simmatch_step_matches_numpy(teacher, da_rows):
     np.testing.assert_allclose(logs["loss"], loss_fn(P), rtol=1e-5)
     np.testing.assert_allclose(logs["mask_rate"], 0.5)
     np.testing.assert_allclose(m.da_queue.numpy(), da, rtol=1e-5, atol=1e-7)
-    assert int(m.da_pointer.numpy()) == da_rows + 1
+    assert int(m.da_pointer.numpy()) == (ptr + 1) % da_len
     want_bank = bank0.copy()
-    want_bank[batch["labeled"]["index"] // 2] = k
+    slots = batch["labeled"]["index"] // 2
+    want_bank[slots] = _unit(bank_m * bank0[slots] + (1 - bank_m) * k) if bank_m else k
     np.testing.assert_allclose(m.bank.numpy(), want_bank, rtol=1e-5, atol=1e-6)
     _check_update(m, named, P, grads)
     if teacher == "ema":
@@ -512,25 +518,28 @@ def test_mixmatch_step_matches_numpy():
 
 
 # -------------------------------------------------------------------- PAWS
-@pytest.mark.parametrize("me_max", [True, False])
-def test_paws_step_matches_numpy(me_max):
+@pytest.mark.parametrize("me_max,pred", [(True, False), (False, False), (True, True)])
+def test_paws_step_matches_numpy(me_max, pred):
     """PAWS (official ``suncet/src/losses.py`` and ``paws_train.py``): supports
     and global views in one forward (projection head with BN on that batch's
     statistics), local crops in a second; ``snn(q, S) = softmax(norm q .
     norm S / tau) @ Y`` with the smoothed class-interleaved labels; targets
     ``sharpen(snn(h_global SWAPPED, h_s), T)``, local crops the mean of the two,
     ``t < 1e-4 -> 0``; ``L = H(t, snn(z_anchor, z_s))`` with gradient through the
-    supports, plus ME-MAX ``sum p_bar log p_bar`` of the sharpened predictions.
+    supports, plus ME-MAX ``sum p_bar log p_bar`` of the sharpened predictions;
+    with the prediction head (ImageNet), anchors use ``z = pred(h)`` and targets
+    ``h``.
 
     Mutants that fail: the targets' sharpening removed; ME-MAX removed (the
     ``me_max=True`` case) or its sharpening removed; targets not swapped;
     local targets from one global view; the supports detached in the anchor
-    path (the update differs); the label smoothing dropped.
+    path (the update differs); the label smoothing dropped; targets from z
+    instead of h (the ``pred`` case).
     """
     tau, sharp, eps = 0.1, 0.25, 0.1
     m = PAWS(_encoder(), num_classes=10, classes_per_batch=2, imgs_per_class=2,
              proj_hidden=6, proj_dim=4, temperature=tau, sharpen_t=sharp, me_max=me_max,
-             label_smoothing=eps, finetune_epochs=0)
+             label_smoothing=eps, finetune_epochs=0, use_pred_head=pred)
     m.compile(optimizer=keras.optimizers.SGD(LR))
     _perturb(m.projector, scale=0.2)  # nonzero biases and BN offsets: no all-zero h
     rng = np.random.default_rng(7)
@@ -542,6 +551,9 @@ def test_paws_step_matches_numpy(me_max):
              "unlabeled": {"global_0": g0, "global_1": g1, "local_0": locs[0],
                            "local_1": locs[1], "label": np.array([5, 7])}}
     named = {**_vars(m.encoder, "enc"), **_vars(m.projector, "proj")}
+    if pred:
+        _perturb(m.predictor, scale=0.2, seed=3)
+        named.update(_vars(m.predictor, "pred"))
     P = _arrays(named)
     cols = np.tile([0, 1], 4)  # 2 views x [a, b, a, b]
     Y = np.full([8, 2], eps / 2)
@@ -553,6 +565,12 @@ def test_paws_step_matches_numpy(me_max):
     def embed(P, imgs):
         return _mlp(P, _enc(P, imgs), "proj", 3, bn=True)
 
+    def predict(P, h):  # BN -> Dense(d/4) -> BN -> ReLU -> Dense(d), or z = h
+        if not pred:
+            return h
+        x = _dense(P, _bn(P, h, "pred/bn_in"), "pred/dense0")
+        return _dense(P, np.maximum(_bn(P, x, "pred/bn0"), 0.0), "pred/dense1")
+
     first = np.concatenate(sup + [g0, g1])
     h0 = embed(P, first)
     pg = snn(h0[8:], h0[:8])
@@ -561,8 +579,8 @@ def test_paws_step_matches_numpy(me_max):
     tt[tt < 1e-4] = 0.0
 
     def parts(P):
-        h = embed(P, first)
-        probs = snn(np.concatenate([h[8:], embed(P, loc)]), h[:8])
+        z = predict(P, embed(P, first))
+        probs = snn(np.concatenate([z[8:], predict(P, embed(P, loc))]), z[:8])
         l_paws = -(tt * np.log(probs)).sum(-1).mean()
         p_bar = _sharpen(probs, sharp).mean(0)
         return l_paws, (p_bar * np.log(p_bar)).sum() if me_max else 0.0
