@@ -98,6 +98,10 @@ def parser(doc):
     p.add_argument("--wd", type=float, default=0.0, help="official SGD weight decay")
     p.add_argument("--case", default="filled", help="method-specific state case")
     p.add_argument("--json", default=None, help="append the result rows here")
+    p.add_argument("--f64", action="store_true", help="(official half) run in float64")
+    p.add_argument("--ref64", action="store_true",
+                   help="also run the official step in float64, the reference for the "
+                        "float32 error of both sides")
     return p
 
 
@@ -141,9 +145,11 @@ class Report:
 
 
 # ------------------------------------------------------ official half (torch)
-def setup_torch(seed=0):
+def setup_torch(seed=0, f64=False):
     import torch
     torch.set_num_threads(1)
+    if f64:  # a float64 reference run of the same official step
+        torch.set_default_dtype(torch.float64)
     torch.manual_seed(seed)
     np.random.seed(seed)
     if not torch.cuda.is_available():  # official code calls .cuda() on new tensors
@@ -211,6 +217,8 @@ def patch_usb_wrn_tf_form():
         y = self.conv2(y)
         return (shortcut_in if self.equalInOut else self.convShortcut(shortcut_in)) + y
 
+    if not hasattr(wrn.BasicBlock, "_usb_forward"):
+        wrn.BasicBlock._usb_forward = wrn.BasicBlock.forward
     wrn.BasicBlock.forward = forward
 
 
@@ -292,9 +300,10 @@ def usb_wrn_forward_variants(weights, x_nchw, num_classes):
     import torch
     import torch.nn.functional as F
     from semilearn.nets.wrn import wrn
-    orig = wrn.BasicBlock.forward
+    current = wrn.BasicBlock.forward
+    orig = getattr(wrn.BasicBlock, "_usb_forward", current)
     out = {}
-    x = torch.from_numpy(x_nchw)
+    x = torch.from_numpy(x_nchw).to(torch.get_default_dtype())
     steps = ["usb", "conv1_on_activated", "tf_same_padding", "bn_eps_1e-3", "stem_bias_zero"]
     for i, name in enumerate(steps):
         def forward(self, x, padding=i >= 2, activated=i >= 1):
@@ -312,7 +321,8 @@ def usb_wrn_forward_variants(weights, x_nchw, num_classes):
             return (shortcut_in if self.equalInOut else self.convShortcut(shortcut_in)) + y
         wrn.BasicBlock.forward = forward
         net = wrn.wrn_28_2(num_classes=num_classes)
-        sd = {k: torch.from_numpy(v) for k, v in weights.items()}
+        sd = {k: torch.from_numpy(v).to(torch.get_default_dtype()) if v.dtype.kind == "f"
+              else torch.from_numpy(v) for k, v in weights.items()}
         if i < 4:  # USB's own random stem bias, cancelled by the following BN
             sd["conv1.bias"] = torch.from_numpy(np.random.default_rng(1).uniform(
                 -0.2, 0.2, size=weights["conv1.bias"].shape).astype(np.float32))
@@ -327,7 +337,7 @@ def usb_wrn_forward_variants(weights, x_nchw, num_classes):
         net.train()
         with torch.no_grad():
             out[name] = net(x)["logits"].numpy()
-    wrn.BasicBlock.forward = orig
+    wrn.BasicBlock.forward = current
     return out
 
 
@@ -415,8 +425,25 @@ def capture_grads(model):
     return grads
 
 
-def compare_weights(rep, mapping, state, grads_ours, net, wtol=1e-4, gtol=1e-4):
-    """Gradient norms per layer, weights and BN statistics after the step."""
+def compare_weights(rep, mapping, state, grads_ours, net, wtol=1e-4, gtol=1e-4, st64=None):
+    """Gradient norms per layer, weights and BN statistics after the step; with
+    ``st64`` (the official step in float64), also the float32 error of each side."""
+    if st64 is not None:
+        names = [n for n in mapping if "g/" + n in state]
+        off32 = [np.linalg.norm(state["g/" + n]) for n in names]
+        off64 = [np.linalg.norm(st64["g/" + n]) for n in names]
+        ours32 = [np.linalg.norm(grads_ours.get(id(mapping[n][0]), np.zeros(1))) for n in names]
+        rel = lambda a, b: max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b))
+        rep.add("grad norms: official fp32 vs official fp64", off64, off32, gtol,
+                note=f"worst layer rel {rel(off32, off64):.1e}")
+        rep.add("grad norms: ours fp32 vs official fp64", off64, ours32, gtol,
+                note=f"worst layer rel {rel(ours32, off64):.1e}")
+        w = [n for n in mapping if "running" not in n]
+        cat = lambda st, conv: np.concatenate([to_keras(st["w1/" + n], mapping[n][1]).ravel()
+                                               for n in w])
+        ours_w = np.concatenate([mapping[n][0].numpy().ravel() for n in w])
+        rep.add("weights after: official fp32 vs fp64", cat(st64, 0), cat(state, 0), wtol)
+        rep.add("weights after: ours fp32 vs official fp64", cat(st64, 0), ours_w, wtol)
     g_rows, w_rows, bn_rows = [], [], []
     for name, (var, kind) in mapping.items():
         after = to_keras(state["w1/" + name], kind)
@@ -465,7 +492,29 @@ def compare_ema(rep, model, mapping, state, wtol=1e-4):
 
 
 def main_both(script, args, extra):
+    """Runs the official half (and its float64 twin with --ref64); returns the paths."""
     check_setup()
     out = args.out or f"/tmp/parity_{os.path.basename(script)[:-3]}_{args.net}_{args.case}_{args.wd}.npz"
     print(run_official(script, out, extra).strip())
-    return out
+    out64 = None
+    if args.ref64:
+        out64 = out[:-4] + "_f64.npz"
+        print(run_official(script, out64, extra + ["--f64"]).strip())
+    return out, out64
+
+
+def make_sgd(lr, wd):
+    """The optimizer of our half: USB's SGD is torch SGD, nesterov, momentum 0.9, coupled
+    decay wd on every tensor but biases and 1-d (BN) ones. With wd > 0, tfssl's coupled
+    ``tfssl.optimizers.SGD`` when this tfssl has it, else Keras's decoupled decay (what
+    tfssl's --optimizer=sgd used before the coupled form). Returns (optimizer, label)."""
+    import keras
+    from tfssl import optimizers
+    if wd and hasattr(optimizers, "SGD"):
+        return (optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd),
+                f"tfssl.optimizers.SGD coupled wd={wd}")
+    opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd or None)
+    if wd:
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        return opt, f"keras SGD decoupled wd={wd}"
+    return opt, "keras SGD, no decay"

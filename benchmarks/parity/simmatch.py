@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 
 import common_semi as cs  # noqa: E402
 
-C, B, URATIO, DA_LEN, PROJ, T, TAU = 10, 8, 2, 4, 128, 0.1, 0.5
+C, B, URATIO, DA_LEN, PROJ, T = 10, 8, 2, 4, 128, 0.1
+TAU = {"tiny": 0.5, "wrn": 0.3}  # thresholds that let some rows through
 
 
 def sizes(net):
@@ -47,7 +48,7 @@ def inputs(net):
 
 
 def official(args):
-    torch = cs.setup_torch()
+    torch = cs.setup_torch(f64=args.f64)
     image, feat, k = sizes(args.net)
     if args.net == "wrn":
         cs._stub(["wandb", "aim", "torchaudio"])
@@ -55,15 +56,15 @@ def official(args):
         cs.patch_usb_wrn_tf_form()
     alg, cfg = cs.build_usb("simmatch", args.net, dict(
         num_labels=k, lb_dest_len=k, ulb_dest_len=1000, batch_size=B, uratio=URATIO,
-        p_cutoff=TAU, da_len=DA_LEN, use_epass=False, weight_decay=args.wd, T=T), image, feat)
+        p_cutoff=TAU[args.net], da_len=DA_LEN, use_epass=False, weight_decay=args.wd, T=T), image, feat)
     cs.finish_usb_init(alg, args.net)
     alg.epoch = 1  # past the warm-up epoch: label propagation and L_in live
     x, idx, labels, bank, p_model = inputs(args.net)
-    alg.mem_bank = torch.from_numpy(bank.copy())
+    alg.mem_bank = torch.from_numpy(bank.copy()).to(torch.get_default_dtype())
     alg.labels_bank = torch.from_numpy(labels.copy())
     da = alg.hooks_dict["DistAlignHook"]
     if args.case == "filled":
-        da.p_model = torch.from_numpy(p_model.copy())
+        da.p_model = torch.from_numpy(p_model.copy()).to(torch.get_default_dtype())
         da.p_model_ptr = torch.tensor([1])
     rec = {}
     orig_da, orig_mask = da.dist_align, alg.hooks_dict["MaskingHook"].masking
@@ -94,7 +95,8 @@ def official(args):
                  "ptr0": np.int64(int(da.p_model_ptr)), "idx": idx})
     save.update({n: v for n, v in x.items()})
     grads = cs.grad_recorder(alg.model)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(
+        torch.get_default_dtype())
     batch = {"idx_lb": torch.from_numpy(idx), "x_lb": t(x["x_lb"]), "y_lb": torch.from_numpy(labels[idx]),
              "x_ulb_w": t(x["x_ulb_w"]), "x_ulb_s": t(x["x_ulb_s"])}
     cs.official_step(alg, batch)
@@ -120,19 +122,20 @@ def official(args):
           f"wd={args.wd} mask rate {save['mask_rate']:.3f} -> {args.out}")
 
 
-def ours(args, path):
-    import keras
+def ours(args, path, path64=None):
     import tensorflow as tf
     from tfssl.methods.simmatch import SimMatch
     from tfssl.ops import targets
     st = dict(np.load(path))
+    st64 = dict(np.load(path64)) if path64 else None
     image, feat, k = sizes(args.net)
     enc = cs.keras_tiny_encoder(image, feat) if args.net == "tiny" else cs.keras_wrn()
     model = SimMatch(enc, C, labeled_ids=np.arange(k), labeled_labels=st["labels"], num_train=k,
-                     proj_dims=(feat, PROJ), temperature=T, alpha=0.9, threshold=TAU, lambda_u=1.0,
+                     proj_dims=(feat, PROJ), temperature=T, alpha=0.9, threshold=TAU[args.net], lambda_u=1.0,
                      lambda_in=1.0, da_len=DA_LEN, bank_momentum=0.7, teacher="online",
                      warmup_steps=0, ema_decay=0.999)
-    model.compile(optimizer=keras.optimizers.SGD(float(st["lr"]), momentum=0.9, nesterov=True))
+    opt, opt_label = cs.make_sgd(float(st["lr"]), args.wd)
+    model.compile(optimizer=opt)
     model.optimizer.build(model.trainable_variables)
     mapping = cs.torch_to_keras_map(model, "backbone.", args.net, model.projector, "mlp_proj.")
     cs.load_weights(mapping, st)
@@ -172,9 +175,18 @@ def ours(args, path):
     targets.distribution_alignment, targets.thresholded_cross_entropy = o_da, o_tce
 
     rep = cs.Report(f"SimMatch vs USB, net={args.net}, case={args.case}, official wd={args.wd} "
-                    f"(ours: no decay)")
+                    f"(ours: {opt_label})")
     rep.add("DA input p (teacher softmax)", st["rec/p_in"], rec["p_in"], 1e-5)
     rep.add("DA output", st["rec/p_da"], rec["p_da"], 1e-5)
+    if args.case == "fresh":  # USB: zero-initialised queue, mean over all its rows
+        q0 = np.zeros_like(st["p_model0"])
+        q0[int(st["ptr0"])] = st["rec/p_in"].mean(0)
+        da_np = st["rec/p_in"] * (0.1 + 1e-6) / (q0.mean(0) + 1e-6)
+        rep.add("  repro: NumPy DA on a zero-initialised queue", st["rec/p_da"],
+                da_np / da_np.sum(-1, keepdims=True), 1e-5)
+        filled = st["rec/p_in"] * (0.1 + 1e-6) / (st["rec/p_in"].mean(0) + 1e-6)
+        rep.add("  NumPy DA, mean over filled rows only", st["rec/p_da"],
+                filled / filled.sum(-1, keepdims=True), 1e-5)
     rep.add("p_hat (pseudo-target after propagation)", st["rec/p_hat"], rec["p_hat"], 1e-5)
     rep.add("mask", st["rec/mask"], rec["mask"], 0)
     rep.add("L_x", st["loss/x"], logs["loss_x"], 1e-5)
@@ -200,7 +212,7 @@ def ours(args, path):
             np.linalg.norm(st["bank1"][:, sorted(last)], axis=0), 1e-5, note="ours: 1")
     rep.add("DA queue after step", st["p_model1"], model.da_queue.numpy(), 1e-5)
     rep.add("DA pointer after step", st["ptr1"], model.da_pointer.numpy(), 0)
-    cs.compare_weights(rep, mapping, st, grads, args.net)
+    cs.compare_weights(rep, mapping, st, grads, args.net, st64=st64)
     cs.compare_ema(rep, model, mapping, st)
     if args.net == "wrn":
         for name in ("usb", "conv1_on_activated", "tf_same_padding", "bn_eps_1e-3", "stem_bias_zero"):
@@ -218,5 +230,5 @@ if __name__ == "__main__":
     if a.half == "official":
         official(a)
     else:
-        path = cs.main_both(__file__, a, extra) if a.half == "both" else a.out
-        ours(a, path)
+        path, path64 = cs.main_both(__file__, a, extra) if a.half == "both" else (a.out, None)
+        ours(a, path, path64)
