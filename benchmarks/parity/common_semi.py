@@ -43,6 +43,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_PY = os.environ.get("PARITY_TORCH_PY", "/work/anchor/venv/bin/python")
 USB_SRC = os.environ.get("USB_SRC", "/work/anchor/src/usb")
+TFSSL_SRC = os.environ.get("TFSSL_SRC", os.path.dirname(os.path.dirname(HERE)))
 USB_COMMIT = "1ef4cbebcc0b368158315aeb425053858cf6c845"
 CONFIGS = {"simmatch": "config/classic_cv/simmatch/simmatch_cifar10_40_0.yaml",
            "fixmatch": "config/classic_cv/fixmatch/fixmatch_cifar10_40_0.yaml",
@@ -99,6 +100,8 @@ def parser(doc):
     p.add_argument("--case", default="filled", help="method-specific state case")
     p.add_argument("--json", default=None, help="append the result rows here")
     p.add_argument("--f64", action="store_true", help="(official half) run in float64")
+    p.add_argument("--init", default=None,
+                   help="(official half) start from the initial weights w0/ of this .npz")
     p.add_argument("--ref64", action="store_true",
                    help="also run the official step in float64, the reference for the "
                         "float32 error of both sides")
@@ -252,12 +255,24 @@ def build_usb(alg_name, net, overrides, image=32, feat_dim=16):
     return alg, args
 
 
-def finish_usb_init(alg, net):
-    """Weight tweaks before the EMA shadow is registered."""
+def finish_usb_init(alg, net, init=None):
+    """Weight tweaks before the EMA shadow is registered; with ``init`` (an .npz of a
+    float32 run), that run's initial weights instead (the float64 reference)."""
     import torch
     m = alg.model
     with torch.no_grad():
-        if net == "tiny":
+        if init is not None:
+            w0 = np.load(init)
+            sd = {k: torch.from_numpy(w0["w0/" + k]) for k in m.state_dict()}
+            m.load_state_dict({k: v.to(torch.get_default_dtype()) if v.is_floating_point() else v
+                               for k, v in sd.items()})
+        if init is not None and net == "wrn":
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.BatchNorm2d):
+                    mod.eps = 1e-3
+        elif init is not None:
+            pass
+        elif net == "tiny":
             m_cls = [mod for n, mod in m.named_modules() if n.endswith("classifier")][0]
             m_cls.weight.mul_(8.0)  # peaky predictions: some rows pass the threshold
         else:
@@ -342,6 +357,19 @@ def usb_wrn_forward_variants(weights, x_nchw, num_classes):
 
 
 # --------------------------------------------------------- our half (TF)
+def use_tfssl():
+    """Our half imports tfssl from this checkout ($TFSSL_SRC to test another one)."""
+    sys.path.insert(0, TFSSL_SRC)
+    import tfssl
+    try:
+        rev = subprocess.run(["git", "-C", TFSSL_SRC, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+    except Exception:
+        rev = "?"
+    print(f"ours: tfssl from {os.path.dirname(tfssl.__file__)} at {rev}")
+    return rev
+
+
 def keras_tiny_encoder(image, feat_dim):
     import keras
     inp = keras.Input((image, image, 3))
@@ -499,7 +527,7 @@ def main_both(script, args, extra):
     out64 = None
     if args.ref64:
         out64 = out[:-4] + "_f64.npz"
-        print(run_official(script, out64, extra + ["--f64"]).strip())
+        print(run_official(script, out64, extra + ["--f64", "--init", out]).strip())
     return out, out64
 
 

@@ -47,7 +47,7 @@ def official(args):
     alg, cfg = cs.build_usb("fixmatch", args.net, dict(
         num_labels=40, lb_dest_len=40, ulb_dest_len=1000, batch_size=B, uratio=URATIO,
         p_cutoff=TAU[args.net], weight_decay=args.wd), image, feat)
-    cs.finish_usb_init(alg, args.net)
+    cs.finish_usb_init(alg, args.net, args.init)
     x, y = inputs(args.net)
     rec = {}
     mh, ph = alg.hooks_dict["MaskingHook"], alg.hooks_dict["PseudoLabelingHook"]
@@ -87,6 +87,7 @@ def official(args):
 
 
 def ours(args, path, path64=None):
+    cs.use_tfssl()
     import tensorflow as tf
     from tfssl.methods.simmatch import FixMatch
     from tfssl.ops import targets

@@ -57,7 +57,7 @@ def official(args):
     alg, cfg = cs.build_usb("simmatch", args.net, dict(
         num_labels=k, lb_dest_len=k, ulb_dest_len=1000, batch_size=B, uratio=URATIO,
         p_cutoff=TAU[args.net], da_len=DA_LEN, use_epass=False, weight_decay=args.wd, T=T), image, feat)
-    cs.finish_usb_init(alg, args.net)
+    cs.finish_usb_init(alg, args.net, args.init)
     alg.epoch = 1  # past the warm-up epoch: label propagation and L_in live
     x, idx, labels, bank, p_model = inputs(args.net)
     alg.mem_bank = torch.from_numpy(bank.copy()).to(torch.get_default_dtype())
@@ -123,6 +123,7 @@ def official(args):
 
 
 def ours(args, path, path64=None):
+    cs.use_tfssl()
     import tensorflow as tf
     from tfssl.methods.simmatch import SimMatch
     from tfssl.ops import targets
