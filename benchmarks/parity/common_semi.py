@@ -379,8 +379,9 @@ def keras_tiny_encoder(image, feat_dim):
 
 
 def keras_wrn():
+    """tfssl's WRN-28-2; $PARITY_NORM picks its norm (default batch: the fused BN)."""
     from tfssl.models import backbones
-    return backbones.wide_resnet(28, 2, (32, 32, 3), norm="batch")
+    return backbones.wide_resnet(28, 2, (32, 32, 3), norm=os.environ.get("PARITY_NORM", "batch"))
 
 
 def torch_to_keras_map(model, prefix, net, projector=None, proj_prefix=None):
@@ -490,6 +491,9 @@ def compare_weights(rep, mapping, state, grads_ours, net, wtol=1e-4, gtol=1e-4, 
         rel = abs(worst[1] - worst[2]) / max(abs(worst[1]), 1e-30)
         rep.add(f"  worst layer rel: {worst[0][-34:]}", worst[1], worst[2], gtol,
                 note=f"rel {rel:.1e}")
+        top = sorted(g_rows, key=lambda r: -abs(r[1] - r[2]) / max(abs(r[1]), 1e-30))[:3]
+        print("worst gradient norms (name, official, ours, rel):", "; ".join(
+            f"{n} {a:.4e} {b:.4e} {abs(a - b) / max(abs(a), 1e-30):.1e}" for n, a, b in top))
     rep.add(f"weights after step ({len(w_rows)} tensors)",
             np.concatenate([r[1].ravel() for r in w_rows]),
             np.concatenate([r[2].ravel() for r in w_rows]), wtol)

@@ -6,6 +6,7 @@ Set-up, trees and the two halves: see common_semi.py. Run (main Python):
     python benchmarks/parity/mixmatch.py --net tiny               # no BN: exact comparison
     python benchmarks/parity/mixmatch.py --net wrn                # WRN-28-2, interleaved (ours)
     python benchmarks/parity/mixmatch.py --net wrn --case concat  # ours with interleave=False
+    python benchmarks/parity/mixmatch.py --net wrn --case separate  # ours, forwards as USB's
 
 The official MixUp draw (one lambda per batch from np.random.beta, one torch.randperm) is
 recorded by replaying the RNG state around USB's own ``mixup_one_target``, and fed to ours
@@ -113,6 +114,14 @@ def ours(args, path, path64=None):
     cs.load_weights(mapping, st)
     for e, v in model._ema_pairs:
         e.assign(v)
+    if args.case == "separate":  # USB's form, for this comparison only: K+1 separate
+        def separate(xs):            # forwards, no interleave, first keeps its BN updates
+            logits = [tf.cast(model(xs[0], training=True), tf.float32)]
+            bn = model._bn_read()
+            logits += [tf.cast(model(t, training=True), tf.float32) for t in xs[1:]]
+            model._bn_write(bn)
+            return logits
+        model._forwards = separate
     rec = {}
     o_draws, o_mix = targets.mixup_draws, targets.mixup
 
@@ -132,7 +141,8 @@ def ours(args, path, path64=None):
             "unlabeled": {"aug0": tf.constant(st["x_ulb_w"]), "aug1": tf.constant(st["x_ulb_s"])}}
     logs = {n: float(v) for n, v in model.train_step(data).items()}
     targets.mixup_draws, targets.mixup = o_draws, o_mix
-    mode = "interleaved forwards" if args.case != "concat" else "one concatenated forward"
+    mode = {"concat": "one concatenated forward", "separate": "USB's separate forwards (shim)"}.get(
+        args.case, "interleaved forwards")
     rep = cs.Report(f"MixMatch vs USB, net={args.net}, ours: {mode}, official wd={args.wd} "
                     f"(ours: {opt_label})")
     rep.add("guessed labels q (sharpened mean)", st["rec/mix_in_y"][B:2 * B],
