@@ -49,14 +49,14 @@ CONFIGS = {"simmatch": "config/classic_cv/simmatch/simmatch_cifar10_40_0.yaml",
            "fixmatch": "config/classic_cv/fixmatch/fixmatch_cifar10_40_0.yaml",
            "mixmatch": "config/classic_cv/mixmatch/mixmatch_cifar10_40_0.yaml"}
 USB_WRN_PATCHES = (
-    "conv1_on_activated: USB semilearn/nets/wrn/wrn.py:47-48 feeds the RAW block input to "
+    "conv1_on_activated: USB semilearn/nets/wrn/wrn.py:48-52 feeds the RAW block input to "
     "conv1 in the first block of stages 2-3 (bn1/relu1 output unused); TF (and tfssl) feed "
     "the activated input",
-    "tf_same_padding: USB pads the stride-2 3x3 convs by 1 on each side (wrn.py:35); TF "
+    "tf_same_padding: USB pads the stride-2 3x3 convs by 1 on each side (wrn.py:36); TF "
     "'same' pads 0 before, 1 after",
-    "bn_eps_1e-3: USB's block BNs use eps 1e-5 (wrn.py:31,34; only the final BN has 1e-3, "
-    "wrn.py:103); tfssl uses 1e-3 everywhere (the TF official value)",
-    "stem_bias_zero: USB's stem conv has a bias (wrn.py:84, bias=True); tfssl's has none. "
+    "bn_eps_1e-3: USB's block BNs use eps 1e-5 (wrn.py:33,37; only the final BN has 1e-3, "
+    "wrn.py:97); tfssl uses 1e-3 everywhere (the TF official value)",
+    "stem_bias_zero: USB's stem conv has a bias (wrn.py:85, bias=True); tfssl's has none. "
     "The next layer is a train-mode BN on every path, which cancels it exactly; only that "
     "BN's running mean sees it",
 )
