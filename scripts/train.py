@@ -59,8 +59,13 @@ flags.DEFINE_string("optimizer", d.optimizer,
                     "sgd, adam, adamw or lars (LARS over SGD momentum; biases and BN excluded).")
 flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
 flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
-flags.DEFINE_boolean("nesterov", d.nesterov, "SGD Nesterov momentum.")
+flags.DEFINE_boolean("nesterov", d.nesterov, "Nesterov momentum (sgd and lars).")
 flags.DEFINE_float("weight_decay", d.weight_decay, "Weight decay (not on biases / BN).")
+flags.DEFINE_enum("weight_decay_form", d.weight_decay_form, ["coupled", "decoupled"],
+                  "coupled: g <- g + wd * w before the momentum (PyTorch's SGD and Adam; the "
+                  "same as TF FixMatch's wd * sum(l2_loss) in the loss; LARS's only form); "
+                  "decoupled: w <- w - lr * wd * w (Keras's; AdamW's only form). Unset: "
+                  "coupled for lars, decoupled for sgd, adam, adamw.")
 flags.DEFINE_integer("warmup_epochs", d.warmup_epochs, "Linear warm-up epochs.")
 flags.DEFINE_float("start_learning_rate", d.start_learning_rate,
                    "Learning rate at the start of the warm-up (cosine schedule).")

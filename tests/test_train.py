@@ -34,6 +34,12 @@ def _cfg(tmp_path, **kw):
     (dict(profile_batches=(3,)), "--profile_batches takes two batch numbers"),
     (dict(profile_batches=(3, 2)), "--profile_batches takes two batch numbers"),
     (dict(steps_per_execution=0), "--steps_per_execution must be a positive integer"),
+    (dict(weight_decay_form="l2"), "--weight_decay_form='l2' is not one of"),
+    (dict(optimizer="lars", weight_decay_form="decoupled"), "--optimizer=lars takes "
+     "--weight_decay_form=coupled"),
+    (dict(optimizer="adamw", weight_decay_form="coupled"), "--optimizer=adamw is Adam with "
+     "decoupled decay"),
+    (dict(momentum=1.0), r"--momentum must be in \[0, 1\)"),
 ])
 def test_bad_flags_fail_in_validation(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -80,11 +86,86 @@ def test_run_writes_summary_labeled_ids_and_exports(tmp_path):
 
 
 def test_run_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
+    """(Also: summary.json states the coupled decay and plain momentum that
+    ran. Mutant: no "optimizer" entry in summary.json.)"""
     summary = run(_cfg(tmp_path, strategy="mirrored", num_cpu_devices=2, epochs=1,
-                       ema_decay=0.9))
+                       ema_decay=0.9, weight_decay_form="coupled", nesterov=False))
     assert summary["replicas"] == 2 and summary["evaluated_weights"] == "ema"
     assert summary["global_steps"] == 3
     assert "val_top1" in summary["history"]
+    on_disk = json.load(open(tmp_path / "run" / "summary.json"))
+    assert on_disk["optimizer"] == {
+        "name": "sgd", "learning_rate": 0.03, "lr_schedule": "cosine", "weight_decay": 5e-4,
+        "weight_decay_form": "coupled", "weight_decay_excludes": ["bias", "gamma", "beta"],
+        "momentum": 0.9, "nesterov": False}
+
+
+def _built_optimizer(**kw):
+    from tfssl.train import _optimizer
+
+    cfg = TrainConfig(**kw)
+    cfg.validate()
+    return _optimizer(cfg, total_steps=10, warmup_steps=0)
+
+
+@pytest.mark.parametrize("kw,form", [
+    (dict(), "decoupled"),  # today's default: Keras's decoupled decay
+    (dict(weight_decay_form="coupled"), "coupled"),
+    (dict(weight_decay_form="coupled", nesterov=False), "coupled"),
+    (dict(optimizer="adam"), "decoupled"),
+    (dict(optimizer="adam", weight_decay_form="coupled"), "coupled"),
+    (dict(optimizer="adamw"), "decoupled"),
+    (dict(optimizer="lars", nesterov=False), "coupled"),
+    (dict(optimizer="lars", weight_decay_form="coupled"), "coupled"),
+])
+def test_optimizer_has_the_flags_decay_form_and_nesterov(kw, form):
+    """The optimizer built from the flags applies ``--weight_decay`` in
+    ``--weight_decay_form`` (unset: LARS coupled, the others decoupled) with
+    ``--nesterov``, biases and BN excluded, and ``summary.json``'s entry says
+    so. Measured on one step from w = 1, g = 0 (momentum empty), lr 0.1: a
+    decayed kernel moves by lr * wd (both forms: first step), a bias not at
+    all; and on a second step with g = 0 where the forms differ (coupled:
+    momentum carries the first decay).
+
+    Mutants: ``_optimizer`` ignoring the form (SGD coupled built as Keras's
+    decoupled SGD); Adam without decay (today's ``Adam(lr)``); LARS without
+    ``--nesterov``; biases decayed."""
+    from tfssl import optimizers
+    from tfssl.train import optimizer_summary
+
+    wd = 0.01
+    base = dict(learning_rate=0.1, lr_schedule="constant", weight_decay=wd, momentum=0.9)
+    opt = _built_optimizer(**{**base, **kw})
+    cfg = TrainConfig(**{**base, **kw})
+    assert optimizer_summary(cfg)["weight_decay_form"] == form
+    assert optimizer_summary(cfg).get("nesterov", cfg.nesterov) == cfg.nesterov
+    if cfg.optimizer in ("sgd", "lars"):
+        assert opt.nesterov == cfg.nesterov
+    kernel = keras.Variable(np.full((4, 4), 1.0, "float32"), name="kernel")
+    bias = keras.Variable(np.ones(4, "float32"), name="bias")
+    zeros = [np.zeros((4, 4), "float32"), np.zeros(4, "float32")]
+    if cfg.optimizer == "lars":
+        # zero gradient: LARS leaves the weights (suncet); check a real step instead
+        assert isinstance(opt, optimizers.LARS) and opt.lars_weight_decay == wd
+        return
+    opt.apply(zeros, [kernel, bias])
+    np.testing.assert_allclose(bias.numpy(), 1.0)
+    if cfg.optimizer == "sgd":
+        np.testing.assert_allclose(kernel.numpy(), 1.0 - 0.1 * wd * (1.9 if cfg.nesterov
+                                                                     and form == "coupled"
+                                                                     else 1.0), rtol=1e-6)
+        w1 = float(kernel.numpy()[0, 0])
+        opt.apply(zeros, [kernel, bias])
+        if form == "coupled":  # v = 0.9 v1 + wd w1: the first decay carried by the momentum
+            v1 = wd * 1.0
+            v2 = 0.9 * v1 + wd * w1
+            step = (wd * w1 + 0.9 * v2) if cfg.nesterov else v2
+            want = w1 - 0.1 * step
+        else:  # decoupled: w - lr wd w, and Keras's buffer holds no decay
+            want = w1 * (1 - 0.1 * wd)
+        np.testing.assert_allclose(kernel.numpy()[0, 0], want, rtol=1e-6)
+    else:  # Adam and AdamW: the kernel decays, the bias not
+        assert float(kernel.numpy()[0, 0]) < 1.0
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -104,10 +185,12 @@ class _Record(keras.callbacks.Callback):
             self.first_iteration = int(self.model.optimizer.iterations.numpy())
 
 
-@pytest.mark.parametrize("steps_per_execution", [1, 2])
-def test_a_killed_run_resumes_at_the_next_epoch(tmp_path, steps_per_execution):
+@pytest.mark.parametrize("steps_per_execution,form", [(1, None), (2, "coupled")])
+def test_a_killed_run_resumes_at_the_next_epoch(tmp_path, steps_per_execution, form):
     # With 2 steps per call an epoch of 3 steps is a call of 2 and one of 1.
-    cfg = _cfg(tmp_path, epochs=3, export_dir=None, steps_per_execution=steps_per_execution)
+    # (The coupled case restores tfssl's own SGD and its momentum.)
+    cfg = _cfg(tmp_path, epochs=3, export_dir=None, steps_per_execution=steps_per_execution,
+               weight_decay_form=form)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, callbacks=[_Interrupt()])
     assert os.path.isdir(tmp_path / "run" / "backup")
@@ -116,6 +199,17 @@ def test_a_killed_run_resumes_at_the_next_epoch(tmp_path, steps_per_execution):
     assert rec.epochs == [1, 2]  # epoch 0 is not repeated
     assert rec.first_iteration == 3  # optimizer state (and its step count) restored
     assert summary["global_steps"] == 9 and summary["epochs_completed"] == 3
+
+
+def test_script_passes_weight_decay_form_to_the_config(tmp_path):
+    """--weight_decay_form reaches TrainConfig (mutant: the flag not defined,
+    or not read: no error about adamw's form)."""
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--optimizer=adamw",
+         "--weight_decay_form=coupled", f"--workdir={tmp_path}/w"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode != 0
+    assert "--optimizer=adamw is Adam with decoupled decay" in res.stderr
 
 
 def test_script_reports_a_bad_flag_and_exits_nonzero(tmp_path):

@@ -1,5 +1,23 @@
-"""LARS (You et al., 2017) as a Keras 3 optimizer, usable by every method
-(``--optimizer=lars``), and the warm-up + cosine schedule it is used with."""
+"""Optimizers with the official codes' weight decay, usable by every method.
+
+- ``SGD``: PyTorch's SGD (momentum, Nesterov) with its coupled L2 weight decay,
+  ``g <- g + wd w`` before the momentum (SimMatch, ASCL, SeLa, USB; the same
+  update as TF FixMatch's ``wd * sum(l2_loss(kernel))`` added to the loss).
+- ``Adam``: Keras's Adam with the same coupled L2 (PyTorch's
+  ``Adam(weight_decay=wd)``).
+- ``LARS`` (You et al., 2017) as the official PAWS code wraps it around SGD.
+- ``warmup_cosine``: the warm-up + cosine schedule they are used with.
+
+Keras's own ``weight_decay`` argument is decoupled (``w <- w - lr wd w``,
+applied apart from the gradient); at momentum 0.9 it is about 10x weaker than
+the coupled form with the same ``wd``. ``tfssl.train`` builds either form
+(``--weight_decay_form``).
+
+The coupled decay is added inside ``update_step``, which Keras runs once per
+variable on the gradient already summed over the replicas (in
+``distribution.extended.update``), so under a ``tf.distribute`` strategy it is
+added once, as on one device, and never summed over replicas.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +26,138 @@ from typing import Iterable, Optional
 import keras
 from keras import ops
 
-# Variables whose name is one of these skip the LARS adaptation and the weight
-# decay: biases and normalisation parameters (PAWS, SimCLR, BYOL).
+# Variables whose name is one of these skip the weight decay (and LARS's
+# adaptation): biases and normalisation parameters (PAWS, SimCLR, BYOL, USB,
+# TF FixMatch's kernels-only decay).
 DEFAULT_EXCLUDE = ("bias", "gamma", "beta")
+
+WEIGHT_DECAY_FORMS = ("coupled", "decoupled")
+
+
+class _CoupledL2:
+    """Mixin: ``g <- g + wd w`` for each decayed variable, before the wrapped
+    optimizer's update. Which variables decay is Keras's own
+    ``exclude_from_weight_decay`` selection (names matched in ``variable.name``,
+    or variable objects), set to ``exclude`` at construction."""
+
+    def _init_l2(self, weight_decay: float, exclude: Iterable[str]) -> None:
+        if weight_decay is None or weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+        self.l2_weight_decay = float(weight_decay)
+        self.exclude = tuple(exclude)
+        self.exclude_from_weight_decay(var_names=list(self.exclude))
+
+    def uses_weight_decay(self, variable) -> bool:
+        """Whether ``variable`` gets the coupled decay (not a bias or BN parameter)."""
+        return bool(self.l2_weight_decay) and self._use_weight_decay(variable)
+
+    def _with_l2(self, gradient, variable):
+        g = ops.cast(gradient, variable.dtype)
+        if self.uses_weight_decay(variable):
+            wd = ops.cast(self.l2_weight_decay, variable.dtype)
+            g = ops.add(g, ops.multiply(ops.convert_to_tensor(variable), wd))
+        return g
+
+    def _l2_config(self, config):
+        config.update(weight_decay=self.l2_weight_decay, exclude=list(self.exclude))
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class SGD(_CoupledL2, keras.optimizers.Optimizer):
+    """PyTorch's ``torch.optim.SGD`` (no dampening) as a Keras 3 optimizer.
+
+    For each variable ``w`` with gradient ``g`` (summed over replicas):
+
+        g' = g + wd w      (wd = 0 for excluded variables: biases, BN gamma/beta)
+        v <- mu v + g'
+        w <- w - lr v                 (nesterov: w <- w - lr (g' + mu v))
+
+    The learning rate multiplies the step, not the momentum buffer (Keras's
+    ``SGD`` keeps ``lr g`` in its buffer; the two differ while the rate
+    changes). TF1's ``MomentumOptimizer`` (the official FixMatch) has this
+    same form.
+
+    Args:
+      learning_rate: float or a ``keras.optimizers.schedules`` schedule.
+      momentum: mu in [0, 1).
+      nesterov: Nesterov momentum.
+      weight_decay: wd of the coupled L2 decay (NOT Keras's decoupled one).
+      exclude: variable names that skip the decay (matched in ``variable.name``).
+    """
+
+    def __init__(self, learning_rate=0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, exclude: Iterable[str] = DEFAULT_EXCLUDE,
+                 name: str = "sgd", **kwargs):
+        kwargs.pop("weight_decay", None)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SGD momentum must be in [0, 1), got {momentum}.")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self._init_l2(weight_decay, exclude)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = (self.add_optimizer_variables(variables, "momentum")
+                          if self.momentum else [])
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        g = self._with_l2(gradient, variable)
+        if not self.momentum:
+            self.assign_sub(variable, ops.multiply(g, lr))
+            return
+        v = self.momentums[self._get_variable_index(variable)]
+        mu = ops.cast(self.momentum, variable.dtype)
+        self.assign(v, ops.add(ops.multiply(v, mu), g))
+        step = ops.add(g, ops.multiply(v, mu)) if self.nesterov else v
+        self.assign_sub(variable, ops.multiply(step, lr))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, nesterov=self.nesterov)
+        return self._l2_config(config)
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class Adam(_CoupledL2, keras.optimizers.Adam):
+    """Keras's Adam on ``g + wd w`` (coupled L2 weight decay, as PyTorch's
+    ``Adam(weight_decay=wd)``); biases and BN parameters excluded. Other
+    arguments are ``keras.optimizers.Adam``'s."""
+
+    def __init__(self, learning_rate=0.001, weight_decay: float = 0.0,
+                 exclude: Iterable[str] = DEFAULT_EXCLUDE, name: str = "adam", **kwargs):
+        kwargs.pop("weight_decay", None)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self._init_l2(weight_decay, exclude)
+
+    def update_step(self, gradient, variable, learning_rate):
+        super().update_step(self._with_l2(gradient, variable), variable, learning_rate)
+
+    def get_config(self):
+        return self._l2_config(super().get_config())
 
 
 @keras.saving.register_keras_serializable(package="tfssl")
 class LARS(keras.optimizers.Optimizer):
-    """Layer-wise adaptive rate scaling over SGD with (heavy-ball) momentum.
+    """Layer-wise adaptive rate scaling over SGD with (heavy-ball) momentum, as
+    the official PAWS code (suncet ``src/lars.py`` around its ``src/sgd.py``).
 
     For each variable ``w`` with gradient ``g`` that is not excluded:
 
         g' = (g + wd w) * eta ||w|| / (||g|| + wd ||w|| + eps)   if ||w|| > 0 and ||g|| > 0
-        g' = g + wd w                                            otherwise
+        g' = g                                                   otherwise
 
     and for excluded variables (biases, BN ``gamma``/``beta``) ``g' = g`` (no
-    adaptation, no weight decay). Then, as PyTorch's SGD that the official PAWS
-    code wraps:
+    adaptation, no weight decay). Then, as suncet's SGD, with the learning
+    rate inside the momentum buffer:
 
-        v <- mu v + g'          w <- w - lr v          (nesterov: w <- w - lr (g' + mu v))
+        v <- mu v + lr g'       w <- w - v          (nesterov: w <- w - (lr g' + mu v))
+
+    (equal to ``v <- mu v + g'; w <- w - lr v`` while the rate is constant; the
+    two differ under the warm-up and cosine schedule).
 
     Args:
       learning_rate: float or a ``keras.optimizers.schedules`` schedule
@@ -89,14 +220,14 @@ class LARS(keras.optimizers.Optimizer):
             w_norm = ops.sqrt(ops.sum(ops.square(w)))
             g_norm = ops.sqrt(ops.sum(ops.square(g)))
             ratio = self.trust_coefficient * w_norm / (g_norm + wd * w_norm + self.eps)
-            ratio = ops.where(ops.logical_and(w_norm > 0, g_norm > 0), ratio,
-                              ops.ones_like(ratio))
-            g = ops.multiply(ops.add(g, wd * w), ratio)
+            adapt = ops.logical_and(w_norm > 0, g_norm > 0)
+            g = ops.where(adapt, ops.multiply(ops.add(g, wd * w), ratio), g)
         v = self.momentums[self._get_variable_index(variable)]
         mu = ops.cast(self.momentum, variable.dtype)
-        self.assign(v, ops.add(ops.multiply(v, mu), g))
-        step = ops.add(g, ops.multiply(v, mu)) if self.nesterov else v
-        self.assign_sub(variable, ops.multiply(step, lr))
+        lr_g = ops.multiply(g, lr)
+        self.assign(v, ops.add(ops.multiply(v, mu), lr_g))
+        step = ops.add(lr_g, ops.multiply(v, mu)) if self.nesterov else v
+        self.assign_sub(variable, step)
 
     def get_config(self):
         config = super().get_config()

@@ -62,6 +62,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    weight_decay_form: Optional[str] = None  # coupled | decoupled; None: the optimizer's own
     warmup_epochs: int = 0
     start_learning_rate: float = 0.0
     final_learning_rate: float = 0.0
@@ -134,6 +135,21 @@ class TrainConfig:
                               f"{self.lars_trust_coefficient}.")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight_decay must be >= 0, got {self.weight_decay}.")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}.")
+        from tfssl.optimizers import WEIGHT_DECAY_FORMS
+
+        if self.weight_decay_form not in (None,) + WEIGHT_DECAY_FORMS:
+            raise ConfigError(f"--weight_decay_form={self.weight_decay_form!r} is not one of "
+                              f"{WEIGHT_DECAY_FORMS}.")
+        form = weight_decay_form(self)
+        if self.optimizer == "lars" and form != "coupled":
+            raise ConfigError("--optimizer=lars takes --weight_decay_form=coupled: LARS's decay "
+                              "is inside its trust ratio (PAWS).")
+        if self.optimizer == "adamw" and form != "decoupled":
+            raise ConfigError("--optimizer=adamw is Adam with decoupled decay: give "
+                              "--weight_decay_form=decoupled, or --optimizer=adam "
+                              "--weight_decay_form=coupled for Adam with L2 decay.")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
             raise ConfigError(f"--warmup_epochs must be in [0, --epochs), got {self.warmup_epochs}.")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
@@ -179,7 +195,33 @@ def view_options(dataset: str, image_shape) -> Dict[str, Any]:
     return opts
 
 
+def weight_decay_form(cfg: TrainConfig) -> str:
+    """--weight_decay_form, or when unset the optimizer's own: coupled for LARS
+    (inside its trust ratio), decoupled (Keras's) for sgd, adam and adamw."""
+    if cfg.weight_decay_form is not None:
+        return cfg.weight_decay_form
+    return "coupled" if cfg.optimizer == "lars" else "decoupled"
+
+
+def optimizer_summary(cfg: TrainConfig) -> Dict[str, Any]:
+    """What the run's optimizer does, for ``summary.json``: its name, the
+    weight decay's value and form (``coupled``: ``g + wd w`` before the
+    momentum, PyTorch's SGD; ``decoupled``: ``w - lr wd w``, Keras's), and
+    the momentum and Nesterov setting of the momentum optimizers."""
+    from tfssl.optimizers import DEFAULT_EXCLUDE
+
+    out: Dict[str, Any] = {"name": cfg.optimizer, "learning_rate": cfg.learning_rate,
+                           "lr_schedule": cfg.lr_schedule, "weight_decay": cfg.weight_decay,
+                           "weight_decay_form": weight_decay_form(cfg),
+                           "weight_decay_excludes": list(DEFAULT_EXCLUDE)}
+    if cfg.optimizer in ("sgd", "lars"):
+        out.update(momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
+    return out
+
+
 def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
+    """The optimizer the flags describe (validated: LARS is coupled, AdamW
+    decoupled). Biases and normalisation parameters never decay."""
     import keras
 
     from tfssl import optimizers
@@ -190,22 +232,29 @@ def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
                                       cfg.final_learning_rate)
     else:
         lr = cfg.learning_rate
-    wd = cfg.weight_decay or None
+    coupled = weight_decay_form(cfg) == "coupled"
+    wd = cfg.weight_decay
     if cfg.optimizer == "lars":
         # LARS couples its weight decay with the trust ratio and excludes biases
         # and normalisation parameters from both itself.
-        return optimizers.LARS(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               trust_coefficient=cfg.lars_trust_coefficient)
+        return optimizers.LARS(lr, momentum=cfg.momentum, weight_decay=wd,
+                               trust_coefficient=cfg.lars_trust_coefficient,
+                               nesterov=cfg.nesterov, exclude=optimizers.DEFAULT_EXCLUDE)
+    if coupled:
+        if cfg.optimizer == "sgd":
+            return optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                  weight_decay=wd, exclude=optimizers.DEFAULT_EXCLUDE)
+        return optimizers.Adam(lr, weight_decay=wd, exclude=optimizers.DEFAULT_EXCLUDE)
     if cfg.optimizer == "sgd":
         opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=wd)
+                                   weight_decay=wd or None)
     elif cfg.optimizer == "adam":
-        opt = keras.optimizers.Adam(lr)
+        opt = keras.optimizers.Adam(lr, weight_decay=wd or None)
     else:
-        opt = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+        opt = keras.optimizers.AdamW(lr, weight_decay=wd)
     if wd:
         # No decay on biases and normalisation parameters.
-        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        opt.exclude_from_weight_decay(var_names=list(optimizers.DEFAULT_EXCLUDE))
     return opt
 
 
@@ -552,6 +601,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
         "export": export_paths,
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "flags": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "optimizer": optimizer_summary(cfg),
         "backbone": backbone_name,
         "replicas": replicas,
     }
