@@ -31,16 +31,33 @@ def identity(size: int) -> View:
     return lambda image: to_float(image, size)
 
 
+def resize_shorter(x: tf.Tensor, side: int) -> tf.Tensor:
+    """Resizes float [H, W, C] so that its shorter side is ``side``, keeping the
+    aspect ratio (the longer side becomes ``int(side * long / short)``, as
+    torchvision's ``Resize(side)``)."""
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    short = tf.minimum(h, w)
+    scale = tf.cast(side, tf.float64) / tf.cast(short, tf.float64)
+    new_h = tf.where(h == short, side, tf.cast(tf.cast(h, tf.float64) * scale, tf.int32))
+    new_w = tf.where(w == short, side, tf.cast(tf.cast(w, tf.float64) * scale, tf.int32))
+    x = tf.image.resize(x, tf.stack([new_h, new_w]), antialias=True)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
 def center_crop(size: int, crop_fraction: float = 0.875) -> View:
-    """Evaluation view for large images: resize to ``round(size / crop_fraction)``
-    squares, then the central ``size`` x ``size`` crop."""
-    big = int(round(size / crop_fraction))
+    """Evaluation view for large images (the official ImageNet one): resize the
+    shorter side to ``int(size / crop_fraction)`` keeping the aspect ratio
+    (256 for 224, 0.875), then take the central ``size`` x ``size`` crop."""
+    big = int(size / crop_fraction)
 
     def view(image):
-        x = to_float(image, big)
-        off = (big - size) // 2
-        x = x[off:off + size, off:off + size]
-        x.set_shape([size, size, x.shape[-1]])
+        x = resize_shorter(to_float(image), big)
+        h, w = tf.shape(x)[0], tf.shape(x)[1]
+        # torchvision's CenterCrop offsets: round((H - size) / 2).
+        top = tf.cast(tf.round((h - size) / 2), tf.int32)
+        left = tf.cast(tf.round((w - size) / 2), tf.int32)
+        x = x[top:top + size, left:left + size]
+        x.set_shape([size, size, image.shape[-1]])
         return x
     return view
 
@@ -121,10 +138,12 @@ def weak(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = N
 
 
 def strong(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = None,
-           num_ops: int = 2, magnitude: float = 0.5, cutout_fraction: float = 0.5) -> View:
-    """Strong view: the weak view, then RandAugment (``num_ops`` ops drawn per
+           num_ops: int = 2, magnitude: float = 0.5, cutout_fraction: float = 0.5,
+           resized_crop_scale: Optional[Sequence[float]] = None) -> View:
+    """Strong view: the weak view (pad-and-crop, or a random-resized crop when
+    ``resized_crop_scale`` is given), then RandAugment (``num_ops`` ops drawn per
     image, Keras magnitude ``magnitude`` in [0, 1]), then Cutout."""
-    base = weak(size, channels, flip=flip, pad=pad)
+    base = weak(size, channels, flip=flip, pad=pad, resized_crop_scale=resized_crop_scale)
     ra = keras.layers.RandAugment(value_range=(0, 1), num_ops=num_ops, factor=magnitude)
     randaugment = _rgb(lambda x: ra(x, training=True), channels)
 
@@ -142,7 +161,8 @@ def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.
                   solarize_p: float = 0.0, equalize_p: float = 0.0) -> View:
     """SimCLR colour distortion on a float [0, 1] image: colour jitter
     (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur, then
-    solarize and histogram equalisation, each with its probability."""
+    solarize (threshold uniform in [0, 1)) and histogram equalisation, each
+    with its probability."""
     s = strength
     jitter = keras.layers.RandomColorJitter(
         value_range=(0, 1), brightness_factor=0.8 * s, contrast_factor=0.8 * s,
@@ -151,7 +171,8 @@ def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.
     gray = keras.layers.RandomGrayscale(factor=grayscale_p)
     blur = keras.layers.RandomGaussianBlur(factor=1.0, kernel_size=3, sigma=(0.1, 2.0),
                                            value_range=(0, 1))
-    solar = keras.layers.Solarization(threshold_factor=(0.5, 0.5), value_range=(0, 1))
+    # PIL's solarize at a threshold drawn uniformly from [0, 256) (PAWS's Solarize).
+    solar = keras.layers.Solarization(threshold_factor=(0.0, 1.0), value_range=(0, 1))
     equalize = keras.layers.Equalization(value_range=(0, 1))
     steps = [random_apply(lambda x: jitter(x, training=True), jitter_p)]
     if channels == 3 and grayscale_p > 0:
@@ -189,6 +210,16 @@ def simclr(size: int, channels: int = 3, scale: Sequence[float] = (0.2, 1.0),
     return view
 
 
+def moco_v2(size: int, channels: int = 3, scale: Sequence[float] = (0.2, 1.0),
+            flip: bool = True) -> View:
+    """MoCo v2's augmentation (SimMatch's ImageNet strong view, ASCL's query):
+    random-resized crop of area ``scale``, flip, colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur
+    (sigma in [0.1, 2]) with p=0.5."""
+    return simclr(size, channels, scale, flip, strength=0.5, jitter_p=0.8, grayscale_p=0.2,
+                  blur_p=0.5)
+
+
 def multicrop(global_size: int, local_size: int, num_global: int = 2, num_local: int = 6,
               channels: int = 3, global_scale: Sequence[float] = (0.14, 1.0),
               local_scale: Sequence[float] = (0.05, 0.14), flip: bool = True,
@@ -206,7 +237,7 @@ def multicrop(global_size: int, local_size: int, num_global: int = 2, num_local:
 # scales of the global and local views and the colour distortion.
 PAWS_RECIPES = {
     "cifar": dict(global_scale=(0.75, 1.0), local_scale=(0.3, 0.75), strength=0.5,
-                  solarize_p=0.2, equalize_p=0.2, blur_p=0.0, grayscale_p=0.2),
+                  solarize_p=0.2, equalize_p=0.2, blur_p=0.0, grayscale_p=0.0),
     "imagenet": dict(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), strength=1.0,
                      solarize_p=0.0, equalize_p=0.0, blur_p=0.5, grayscale_p=0.2),
 }
@@ -221,8 +252,9 @@ def paws(global_size: int, local_size: int, num_local: int = 6, channels: int = 
     ``local_0 .. local_{num_local-1}`` at ``local_size`` (multi-crop), each a
     random-resized crop + flip + the recipe's colour distortion.
 
-    Recipes (``PAWS_RECIPES``): ``cifar`` crops (0.75, 1) / (0.3, 0.75), colour
-    jitter strength 0.5 with p 0.8, grayscale 0.2, solarize 0.2, equalize 0.2;
+    Recipes (``PAWS_RECIPES``, suncet ``src/data_manager.py``): ``cifar`` crops
+    (0.75, 1) / (0.3, 0.75), colour jitter strength 0.5 with p 0.8, solarize 0.2
+    (threshold uniform in [0, 256)), equalize 0.2, no grayscale, no blur;
     ``imagenet`` crops (0.14, 1) / (0.05, 0.14) with SimCLR's colour (jitter 1.0,
     grayscale 0.2, blur 0.5).
     """

@@ -89,19 +89,20 @@ class ASCL(SSLModel):
     def views(cls, opts: Dict, crop_min_scale: float = 0.2, key_view: str = "weak", **unused):
         """Unlabeled ``query`` (strong: random-resized crop (crop_min_scale=0.2, 1),
         flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5)
-        and ``key``: weak (crop + flip; the official choice) or, with
-        ``key_view="strong"``, a second independent draw of the query's recipe
-        (MoCo v2's symmetric views). The labeled stream is not used: ASCL is
-        self-supervised."""
+        and ``key``: weak (the official ``get_weak_augment``: random-resized
+        crop (crop_min_scale, 1) + flip) or, with ``key_view="strong"``, a
+        second independent draw of the query's recipe (MoCo v2's symmetric
+        views). The labeled stream is not used: ASCL is self-supervised."""
         if not 0 < crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}.")
         if key_view not in ("weak", "strong"):
             raise ValueError(f"key_view must be 'weak' or 'strong', got {key_view!r}.")
+        size, channels, flip = opts["size"], opts["channels"], opts.get("flip", True)
 
         def strong():
-            return augment.simclr(opts["size"], opts["channels"], scale=(crop_min_scale, 1.0),
-                                  flip=opts.get("flip", True), strength=0.5)
-        key = strong() if key_view == "strong" else augment.weak(**opts)
+            return augment.moco_v2(size, channels, scale=(crop_min_scale, 1.0), flip=flip)
+        key = strong() if key_view == "strong" else augment.weak(
+            size, channels, flip=flip, resized_crop_scale=(crop_min_scale, 1.0))
         return {"weak": augment.weak(**opts)}, {"query": strong(), "key": key}
 
     @classmethod

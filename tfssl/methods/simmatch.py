@@ -136,7 +136,19 @@ class SimMatch(SSLModel):
     # ------------------------------------------------------------- plumbing
     @classmethod
     def views(cls, opts: Dict, **unused):
-        """Labeled ``weak``; unlabeled ``weak`` and ``strong`` (RandAugment + Cutout)."""
+        """Labeled ``weak``; unlabeled ``weak`` and ``strong``.
+
+        At CIFAR/SVHN/STL sizes (``opts`` without ``resized_crop_scale``): weak
+        is flip + pad-and-crop, strong is weak + FixMatch's RandAugment + Cutout.
+        At ImageNet size (``resized_crop_scale`` given), the official SimMatch
+        ImageNet views (``data/transforms.py``): weak is a random-resized crop of
+        area (0.2, 1) + flip, strong is MoCo v2's augmentation (the official
+        default; its ``--randaug`` option is not reproduced)."""
+        if opts.get("resized_crop_scale") is not None:
+            o = dict(opts, resized_crop_scale=(0.2, 1.0))
+            strong = augment.moco_v2(o["size"], o["channels"], scale=(0.2, 1.0),
+                                     flip=o.get("flip", True))
+            return ({"weak": augment.weak(**o)}, {"weak": augment.weak(**o), "strong": strong})
         return ({"weak": augment.weak(**opts)},
                 {"weak": augment.weak(**opts), "strong": augment.strong(**opts)})
 
@@ -300,6 +312,15 @@ class FixMatch(SimMatch):
         super().__init__(encoder, num_classes, threshold=threshold, lambda_u=lambda_u,
                          lambda_in=0.0, alpha=1.0, da_len=0, hard_labels=True, teacher=teacher,
                          teacher_momentum=teacher_momentum, ema_decay=ema_decay, **kwargs)
+
+    @classmethod
+    def views(cls, opts: Dict, **unused):
+        """Labeled ``weak``; unlabeled ``weak`` and ``strong`` = weak +
+        RandAugment + Cutout at every size (FixMatch's own; at ImageNet size the
+        crop is the random-resized one of ``opts``, as USB's ImageNet strong
+        view, not SimMatch's MoCo v2 views)."""
+        return ({"weak": augment.weak(**opts)},
+                {"weak": augment.weak(**opts), "strong": augment.strong(**opts)})
 
     @classmethod
     def from_args(cls, encoder, source, labeled_ids=None, **kwargs):
