@@ -14,7 +14,7 @@ suite's conftest does it).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -177,6 +177,65 @@ def assert_workers_match(case: str, num_workers: int = 2, steps: int = 3, rtol: 
                                        err_msg=f"{path}: worker {i} of {num_workers} != 1 process")
         workers.append(snap)
     return one, workers
+
+
+def mock_tfds(splits: Dict[str, int], image_size: Optional[Tuple[int, int]] = None,
+              seed: int = 0):
+    """A context manager under which every TFDS image-classification dataset
+    (``tfds.builder(name)``, with its real features from TFDS's code and
+    metadata) serves small synthetic splits through ``tfds.testing.mock_data``.
+
+    Each split yields ``splits[name]`` examples with every feature the builder
+    declares: ``image`` uint8 random noise ``[H, W, C]`` (the feature's shape;
+    where it varies, as ImageNet's does, ``image_size`` (H, W) plus a few pixels
+    that differ from image to image), ``label`` = example index mod the number
+    of classes (balanced classes), or -1 in an ``unlabelled`` split (as STL-10's
+    real one), and strings / zeros for the other features. A decoder that skips
+    image decoding gets the PNG bytes. Asking for a split not in ``splits``
+    raises, so a loader that reads the wrong split fails.
+
+    Args:
+      splits: split name -> number of examples, e.g. ``{"train": 20, "test": 4}``.
+      image_size: (H, W) base size for features of unknown image shape.
+      seed: seed of the pixels (the same for every run of a split).
+    """
+    import tensorflow_datasets as tfds
+
+    def as_dataset(builder, split, decoders=None, read_config=None, shuffle_files=False):
+        del read_config, shuffle_files
+        name = str(split)
+        if name not in splits:
+            raise ValueError(f"mock {builder.name}: no split {name!r} (mocked: {sorted(splits)})")
+        n = int(splits[name])
+        feats = builder.info.features
+        num_classes = int(feats["label"].num_classes)
+        h, w, c = feats["image"].shape
+        skip = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+
+        def examples():
+            for i in range(n):
+                rng = np.random.default_rng([seed, i, sum(map(ord, name))])
+                hi, wi = (h, w) if h else (image_size[0] + i % 5, image_size[1] + (3 * i) % 7)
+                out = {}
+                for key, feature in feats.items():
+                    if key == "image":
+                        out[key] = rng.integers(0, 256, [hi, wi, c], dtype=np.uint8)
+                    elif key == "label":
+                        out[key] = np.int64(-1 if name == "unlabelled" else i % num_classes)
+                    elif feature.tf_dtype == tf.string:
+                        out[key] = f"{builder.name}_{name}_{i}".encode()
+                    else:
+                        out[key] = np.zeros(feature.shape, feature.np_dtype)
+                yield out
+
+        signature = {k: tf.TensorSpec([None, None, c], tf.uint8) if k == "image" else
+                     tf.TensorSpec(f.shape, f.tf_dtype) for k, f in feats.items()}
+        ds = tf.data.Dataset.from_generator(examples, output_signature=signature)
+        if skip:
+            ds = ds.map(lambda e: {**e, "image": tf.io.encode_png(e["image"])})
+        return ds.apply(tf.data.experimental.assert_cardinality(n))
+
+    return tfds.testing.mock_data(as_dataset_fn=as_dataset)
 
 
 def _worker_main(argv):
