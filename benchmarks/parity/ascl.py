@@ -33,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common_self as cs  # noqa: E402
 
 B, DIM, QSIZE, T1, T2, M = 16, 32, 64, 0.1, 0.05, 0.99
+# (tag, TF padding patched into torch, weight decay, official run in float64)
+STEP_VARIANTS = (("torchpad", False, 0.0, False), ("tfpad", True, 0.0, False),
+                 ("tfpad64", True, 0.0, True), ("tfpad_wd", True, 5e-4, False))
 OFFICIAL_KIND = {"ascl": "ascl", "ahcl": "ahcl", "hard": "hard", "moco": "normal"}
 
 
@@ -136,9 +139,11 @@ def _param_state(torch, module):
     return {k.replace(".conv.", "."): v for k, v in cs.torch_state(module).items()}
 
 
-def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=1):
-    """Part (3): `steps` official training steps (main_simple.py:71-83) on ResNet-18."""
+def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=1, f64=False):
+    """Part (3): `steps` official training steps (main_simple.py:71-83) on ResNet-18
+    (``f64``: the same in float64, the float32 noise floor's reference)."""
     torch.manual_seed(seed)
+    torch.set_default_dtype(torch.float64 if f64 else torch.float32)
     net = model_mod.ASCL(dataset="cifar10", model="byol" if byol else "moco", dim=128,
                          mem_size=QSIZE, m=M, T1=T1, T2=T2, arch="resnet18",
                          type=OFFICIAL_KIND.get(kind, kind), nn_num=1)
@@ -146,6 +151,8 @@ def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=
         tf_same_padding(torch, net.encoder_q)
         tf_same_padding(torch, net.encoder_k)
     net.train()
+    if f64:
+        net.double()
     opt = torch.optim.SGD(net.parameters(), lr=0.03, weight_decay=wd, momentum=0.9)
     out = {"queue0": net.queue.t().numpy().copy()}
     for k, v in _param_state(torch, net).items():
@@ -160,8 +167,10 @@ def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=
     net._batch_shuffle_single_gpu = shuffle
     g = torch.Generator().manual_seed(seed + 100)
     for s in range(steps):
-        im_q = torch.randn(B, 3, 32, 32, generator=g)
-        im_k = torch.randn(B, 3, 32, 32, generator=g) * 0.5 + 0.2
+        im_q = torch.randn(B, 3, 32, 32, generator=g, dtype=torch.float32)
+        im_k = torch.randn(B, 3, 32, 32, generator=g, dtype=torch.float32) * 0.5 + 0.2
+        if f64:
+            im_q, im_k = im_q.double(), im_k.double()
         tg = torch.randint(0, 10, (B,), generator=g)
         out[f"s{s}.im_q"], out[f"s{s}.im_k"], out[f"s{s}.targets"] = im_q.numpy(), im_k.numpy(), tg.numpy()
         loss = net(im_q, im_k, tg)
@@ -185,6 +194,7 @@ def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=
         net._momentum_update_key_encoder()
     for k, v in _param_state(torch, net.encoder_k).items():
         out["next_key." + k] = v.copy()
+    torch.set_default_dtype(torch.float32)
     return out
 
 
@@ -200,9 +210,9 @@ def official_main(kinds, do_step, byol=False):
                 out[f"t.{kind}.{nn_num}.{k}"] = v
     if do_step:
         kind = kinds[0]
-        for tag, tf_pad, wd in (("torchpad", False, 0.0), ("tfpad", True, 0.0),
-                                ("tfpad_wd", True, 5e-4)):
-            for k, v in official_step(torch, model_mod, kind, tf_pad, wd, byol=byol).items():
+        for tag, tf_pad, wd, f64 in STEP_VARIANTS:
+            for k, v in official_step(torch, model_mod, kind, tf_pad, wd, byol=byol,
+                                      f64=f64).items():
                 out[f"{tag}.{k}"] = v
     np.savez(cs.official_out(), **out)
 
@@ -356,22 +366,25 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2):
                                         return_dict=True)
         rep.add(f"(3) {tag} step {s + 1}: loss", logs["loss"], off[f"{p}s{s}.loss"], 1e-5)
         g_ours = cs.keras_grads_by_layer(maps, model.trainable_variables, grads_seen[-1])
-        worst = (0.0, "")
+        worst, worst_el, n = (0.0, ""), (0.0, ""), 0
         for name, g in g_ours.items():
             theirs = off.get(f"{p}s{s}.grad.{name}")
             if theirs is None:
                 continue
+            n += 1
             a, b = np.linalg.norm(g), np.linalg.norm(theirs)
-            r = abs(a - b) / max(b, 1e-12)
-            worst = max(worst, (r, name))
-        rep.add(f"(3) {tag} step {s + 1}: per-layer grad norms, worst rel ({worst[1]})",
+            worst = max(worst, (abs(a - b) / max(b, 1e-12), name))
+            worst_el = max(worst_el, (np.abs(g - theirs).max() / max(np.abs(theirs).max(), 1e-12), name))
+        rep.add(f"(3) {tag} step {s + 1}: per-layer grad norms ({n} tensors), worst rel ({worst[1]})",
                 worst[0], 0.0, 1e-4, atol_floor=1.0)
+        rep.add(f"(3) {tag} step {s + 1}: grads, worst elementwise rel ({worst_el[1]})",
+                worst_el[0], 0.0, 1e-4, atol_floor=1.0)
         _compare_weights(rep, f"(3) {tag} step {s + 1}", maps, off, f"{p}s{s}.after.", byol)
         qrows = model.queue.numpy()
         # our queue holds the step's keys in our batch order x[P]
         want = off[f"{p}s{s}.queue"].copy()
-        ptr0 = (s * B) % QSIZE
-        want[ptr0:ptr0 + B] = want[ptr0:ptr0 + B][P]
+        for w in range(min(s + 1, QSIZE // B)):
+            want[w * B:(w + 1) * B] = want[w * B:(w + 1) * B][P]
         rep.add(f"(3) {tag} step {s + 1}: queue (rows reordered by P)", qrows, want, 1e-4)
         rep.add(f"(3) {tag} step {s + 1}: pointer", int(model.queue_pointer.numpy()),
                 off[f"{p}s{s}.ptr"], 0)
@@ -389,6 +402,22 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2):
     rep.add(f"(3) {tag}: key-encoder params after {steps} steps vs official after its next "
             f"momentum update, worst rel ({worst[1]})", worst[0], 0.0, 1e-4, atol_floor=1.0)
     return model
+
+
+def float_floor(off, rep, a="tfpad", b="tfpad64", steps=2):
+    """The official float32 step against the same step in float64: the noise floor."""
+    for s in range(steps):
+        rep.add(f"(3) floor: official f32 vs f64, step {s + 1} loss", off[f"{a}.s{s}.loss"],
+                off[f"{b}.s{s}.loss"], 1e-5)
+        for what, pre in (("grads", "grad."), ("weights", "after.")):
+            worst = (0.0, "")
+            for k in off:
+                if k.startswith(f"{a}.s{s}.{pre}") and "running" not in k and "num_batches" not in k:
+                    t = off[k.replace(a + ".", b + ".", 1)]
+                    r = np.abs(off[k] - t).max() / max(np.abs(t).max(), 1e-12)
+                    worst = max(worst, (r, k.split(pre, 1)[1]))
+            rep.add(f"(3) floor: official f32 vs f64, step {s + 1} {what}, worst elementwise rel "
+                    f"({worst[1]})", worst[0], 0.0, 1e-4, atol_floor=1.0)
 
 
 def _compare_weights(rep, what, maps, off, prefix, byol):
@@ -421,8 +450,9 @@ def tfssl_main(kinds, do_step, script, byol=False, title="ASCL"):
         for nn_num in (1, 3):
             ours_targets(off, kind, nn_num, rep, byol=byol)
     if do_step:
-        for tag, wd in (("torchpad", 0.0), ("tfpad", 0.0), ("tfpad_wd", 5e-4)):
+        for tag, _, wd, _ in STEP_VARIANTS:
             ours_step(off, tag, kinds[0], rep, byol=byol, wd=wd)
+        float_floor(off, rep)
     rep.print()
     return rep
 
