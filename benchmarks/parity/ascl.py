@@ -143,7 +143,6 @@ def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=
     """Part (3): `steps` official training steps (main_simple.py:71-83) on ResNet-18
     (``f64``: the same in float64, the float32 noise floor's reference)."""
     torch.manual_seed(seed)
-    torch.set_default_dtype(torch.float64 if f64 else torch.float32)
     net = model_mod.ASCL(dataset="cifar10", model="byol" if byol else "moco", dim=128,
                          mem_size=QSIZE, m=M, T1=T1, T2=T2, arch="resnet18",
                          type=OFFICIAL_KIND.get(kind, kind), nn_num=1)
@@ -151,8 +150,9 @@ def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=
         tf_same_padding(torch, net.encoder_q)
         tf_same_padding(torch, net.encoder_k)
     net.train()
-    if f64:
+    if f64:  # same float32 initial values, then everything in float64
         net.double()
+        torch.set_default_dtype(torch.float64)
     opt = torch.optim.SGD(net.parameters(), lr=0.03, weight_decay=wd, momentum=0.9)
     out = {"queue0": net.queue.t().numpy().copy()}
     for k, v in _param_state(torch, net).items():
