@@ -334,10 +334,19 @@ def _layer_maps(model, byol=False):
     return maps
 
 
-def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2):
+def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2, f64=False, label=None):
+    """``f64``: our networks in float64 (keras floatx; the method's heads and loss
+    stay float32, as _project casts), to separate float32 noise from differences."""
+    import keras
     import tensorflow as tf
     p = tag + "."
-    model = _build_ours(kind, byol, wd)
+    keras.config.set_floatx("float64" if f64 else "float32")
+    try:
+        model = _build_ours(kind, byol, wd)
+    finally:
+        keras.config.set_floatx("float32")
+    dt = np.float64 if f64 else np.float32
+    tag = label or tag
     maps = _layer_maps(model, byol)
     init = {k[len(p) + 5:]: v for k, v in off.items() if k.startswith(p + "init.")}
     for tp, layer in maps.items():
@@ -353,8 +362,8 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2):
         return real_apply(grads, variables)
     model.optimizer.apply = apply
     for s in range(steps):
-        q = off[f"{p}s{s}.im_q"].transpose(0, 2, 3, 1)[P]
-        k = off[f"{p}s{s}.im_k"].transpose(0, 2, 3, 1)[P]
+        q = off[f"{p}s{s}.im_q"].transpose(0, 2, 3, 1)[P].astype(dt)
+        k = off[f"{p}s{s}.im_k"].transpose(0, 2, 3, 1)[P].astype(dt)
         lab = off[f"{p}s{s}.targets"][P]
         with _FixedShuffle(tf) as fs:
             if not byol:
@@ -374,12 +383,13 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2):
             n += 1
             a, b = np.linalg.norm(g), np.linalg.norm(theirs)
             worst = max(worst, (abs(a - b) / max(b, 1e-12), name))
-            worst_el = max(worst_el, (np.abs(g - theirs).max() / max(np.abs(theirs).max(), 1e-12), name))
+            worst_el = max(worst_el, (_rel_l2(g, theirs), name))
         rep.add(f"(3) {tag} step {s + 1}: per-layer grad norms ({n} tensors), worst rel ({worst[1]})",
                 worst[0], 0.0, 1e-4, atol_floor=1.0)
-        rep.add(f"(3) {tag} step {s + 1}: grads, worst elementwise rel ({worst_el[1]})",
+        rep.add(f"(3) {tag} step {s + 1}: grads, worst per-tensor ||d||/||g|| ({worst_el[1]})",
                 worst_el[0], 0.0, 1e-4, atol_floor=1.0)
-        _compare_weights(rep, f"(3) {tag} step {s + 1}", maps, off, f"{p}s{s}.after.", byol)
+        prev = f"{p}init." if s == 0 else f"{p}s{s - 1}.after."
+        _compare_weights(rep, f"(3) {tag} step {s + 1}", maps, off, f"{p}s{s}.after.", byol, prev)
         qrows = model.queue.numpy()
         # our queue holds the step's keys in our batch order x[P]
         want = off[f"{p}s{s}.queue"].copy()
@@ -397,10 +407,10 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2):
             t = off.get(f"{p}next_key.{tp[len('encoder_k.'):]}.{attr}")
             if t is None or attr not in ours:
                 continue
-            r = np.abs(ours[attr] - t).max() / max(np.abs(t).max(), 1e-12)
-            worst = max(worst, (r, tp + "." + attr))
+            worst = max(worst, (_rel_l2(ours[attr], t), tp + "." + attr))
     rep.add(f"(3) {tag}: key-encoder params after {steps} steps vs official after its next "
-            f"momentum update, worst rel ({worst[1]})", worst[0], 0.0, 1e-4, atol_floor=1.0)
+            f"momentum update, worst per-tensor ||d||/||w|| ({worst[1]})", worst[0], 0.0, 1e-4,
+            atol_floor=1.0)
     return model
 
 
@@ -409,19 +419,37 @@ def float_floor(off, rep, a="tfpad", b="tfpad64", steps=2):
     for s in range(steps):
         rep.add(f"(3) floor: official f32 vs f64, step {s + 1} loss", off[f"{a}.s{s}.loss"],
                 off[f"{b}.s{s}.loss"], 1e-5)
-        for what, pre in (("grads", "grad."), ("weights", "after.")):
+        prev = "init." if s == 0 else f"s{s - 1}.after."
+        for what, pre in (("grads", "grad."), ("weights", "after."), ("updates", "after."),
+                          ("BN running stats", "after.")):
             worst = (0.0, "")
             for k in off:
-                if k.startswith(f"{a}.s{s}.{pre}") and "running" not in k and "num_batches" not in k:
-                    t = off[k.replace(a + ".", b + ".", 1)]
-                    r = np.abs(off[k] - t).max() / max(np.abs(t).max(), 1e-12)
-                    worst = max(worst, (r, k.split(pre, 1)[1]))
-            rep.add(f"(3) floor: official f32 vs f64, step {s + 1} {what}, worst elementwise rel "
-                    f"({worst[1]})", worst[0], 0.0, 1e-4, atol_floor=1.0)
+                if not k.startswith(f"{a}.s{s}.{pre}") or "num_batches" in k:
+                    continue
+                if ("running" in k) != (what == "BN running stats"):
+                    continue
+                name = k.split(pre, 1)[1]
+                t = off[k.replace(a + ".", b + ".", 1)]
+                x = off[k]
+                if what == "updates":
+                    if name.startswith("encoder_k."):
+                        continue  # the key encoder moves by momentum only
+                    x, t = x - off[f"{a}.{prev}{name}"], t - off[f"{b}.{prev}{name}"]
+                worst = max(worst, (_rel_l2(x, t), name))
+            rep.add(f"(3) floor: official f32 vs f64, step {s + 1} {what}, worst per-tensor "
+                    f"rel L2 ({worst[1]})", worst[0], 0.0, 1e-4, atol_floor=1.0)
 
 
-def _compare_weights(rep, what, maps, off, prefix, byol):
-    worst = {"param": (0.0, ""), "running_mean": (0.0, ""), "running_var": (0.0, "")}
+def _rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _compare_weights(rep, what, maps, off, prefix, byol, prev):
+    """Per-tensor relative L2 errors (worst tensor named) of the online weights, of
+    their updates (w_after - w_before, each side its own before), and of the BN
+    moving statistics of the online and key networks."""
+    worst = {k: (0.0, "") for k in ("param", "update", "running_mean", "running_var")}
     for tp, layer in maps.items():
         ours = cs.keras_layer_values(layer)
         for attr, v in ours.items():
@@ -431,12 +459,17 @@ def _compare_weights(rep, what, maps, off, prefix, byol):
             key = attr if attr.startswith("running") else "param"
             if key == "param" and tp.startswith("encoder_k."):
                 continue  # compared separately (update order)
-            r = np.abs(v - t).max() / max(np.abs(t).max(), 1e-12)
-            worst[key] = max(worst[key], (r, f"{tp}.{attr}"))
-    rep.add(f"{what}: online weights after SGD, worst rel ({worst['param'][1]})",
+            worst[key] = max(worst[key], (_rel_l2(v, t), f"{tp}.{attr}"))
+            if key == "param":
+                before = off[f"{prev}{tp}.{attr}"]
+                worst["update"] = max(worst["update"], (_rel_l2(v - before, t - before),
+                                                        f"{tp}.{attr}"))
+    rep.add(f"{what}: online weights after SGD, worst ||d||/||w|| ({worst['param'][1]})",
             worst["param"][0], 0.0, 1e-4, atol_floor=1.0)
+    rep.add(f"{what}: online updates dw, worst ||d||/||dw|| ({worst['update'][1]})",
+            worst["update"][0], 0.0, 1e-3, atol_floor=1.0)
     for key in ("running_mean", "running_var"):
-        rep.add(f"{what}: BN {key} (online + key), worst rel ({worst[key][1]})",
+        rep.add(f"{what}: BN {key} (online + key), worst rel L2 ({worst[key][1]})",
                 worst[key][0], 0.0, 1e-4, atol_floor=1.0)
 
 
@@ -452,6 +485,7 @@ def tfssl_main(kinds, do_step, script, byol=False, title="ASCL"):
     if do_step:
         for tag, _, wd, _ in STEP_VARIANTS:
             ours_step(off, tag, kinds[0], rep, byol=byol, wd=wd)
+        ours_step(off, "tfpad64", kinds[0], rep, byol=byol, f64=True, label="ours-f64 vs tfpad64")
         float_floor(off, rep)
     rep.print()
     return rep
