@@ -14,7 +14,12 @@ Venv and trees: benchmarks/parity/common_self.py.
     targets, L_paws, L_me and dL/dz, running OUR PAWS.train_step with lookup-table
     networks (and the official loss function on the same tensors).
 (2) PAWS keeps no state across steps (no queue or bank): nothing to compare.
-(3) The WRN-28-2 + LARS step is not run here (see README_self.md).
+(3) The optimizer: official src/lars.py::LARS (trust 0.001) wrapping
+    src/sgd.py::SGD (momentum 0.9, param groups of paws_train.py::init_opt :470-491:
+    bias/bn excluded from LARS and decay) against tfssl.optimizers.LARS, three steps
+    with the learning rate changing every step (as the warm-up/cosine schedule
+    does), fixed gradients; weights after each step. The WRN-28-2 forward/backward
+    itself is not run here (see README_self.md).
 """
 from __future__ import annotations
 
@@ -53,8 +58,62 @@ def official_main(seed):
                      anchor_support_labels=labels, target_views=target_views,
                      target_supports=h[:n_sup], target_support_labels=labels)
     (ploss + me).backward()
-    np.savez(cs.official_out(), h=h.numpy(), z=z.numpy(), labels=labels.numpy(),
-             loss_paws=ploss.item(), loss_me=me.item(), grad_z=z_leaf.grad.numpy())
+    out = dict(h=h.numpy(), z=z.numpy(), labels=labels.numpy(),
+               loss_paws=ploss.item(), loss_me=me.item(), grad_z=z_leaf.grad.numpy())
+    out.update(official_lars(torch))
+    np.savez(cs.official_out(), **out)
+
+
+WD = 1e-3  # large enough to see
+SCHEDULES = {"changing": (0.1, 0.5, 1.0), "constant": (0.5, 0.5, 0.5)}  # lr of each step
+
+
+def official_lars(torch):
+    out = {}
+    for name, lrs in SCHEDULES.items():
+        out.update({f"{name}.{k}": v for k, v in _official_lars(torch, lrs).items()})
+    return out
+
+
+def _official_lars(torch, LRS):
+    from src.lars import LARS  # official
+    from src.sgd import SGD  # official
+    g = torch.Generator().manual_seed(7)
+    w = torch.nn.Parameter(torch.randn(8, 5, generator=g))
+    b = torch.nn.Parameter(torch.randn(5, generator=g) * 0.1)
+    grads = [(torch.randn(8, 5, generator=g), torch.randn(5, generator=g)) for _ in LRS]
+    out = {"lars.w0": w.detach().numpy().copy(), "lars.b0": b.detach().numpy().copy()}
+    opt = LARS(SGD([{"params": [w]}, {"params": [b], "LARS_exclude": True, "weight_decay": 0}],
+                   lr=LRS[0], momentum=0.9, weight_decay=WD, nesterov=False), trust_coefficient=0.001)
+    for s, (gw, gb) in enumerate(grads):
+        for group in opt.param_groups:  # what WarmupCosineSchedule.step() does
+            group["lr"] = LRS[s]
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        out[f"lars.gw{s}"], out[f"lars.gb{s}"] = gw.numpy(), gb.numpy()
+        out[f"lars.w{s + 1}"], out[f"lars.b{s + 1}"] = w.detach().numpy().copy(), b.detach().numpy().copy()
+    return out
+
+
+def ours_lars(off, rep):
+    for name, lrs in SCHEDULES.items():
+        _ours_lars({k[len(name) + 1:]: v for k, v in off.items() if k.startswith(name + ".")},
+                   rep, lrs, name)
+
+
+def _ours_lars(off, rep, LRS, name):
+    import keras
+    from tfssl.optimizers import LARS
+    w = keras.Variable(off["lars.w0"], name="kernel")
+    b = keras.Variable(off["lars.b0"], name="bias")
+    sched = keras.optimizers.schedules.PiecewiseConstantDecay([1, 2], list(LRS))
+    opt = LARS(sched, momentum=0.9, weight_decay=WD, trust_coefficient=0.001)
+    for s in range(len(LRS)):
+        opt.apply([off[f"lars.gw{s}"], off[f"lars.gb{s}"]], [w, b])
+        rep.add(f"(3) LARS {name} lr, step {s + 1} (lr {LRS[s]}): LARS-adapted weight", w.numpy(),
+                off[f"lars.w{s + 1}"], 1e-5)
+        rep.add(f"(3) LARS {name} lr, step {s + 1} (lr {LRS[s]}): excluded bias", b.numpy(),
+                off[f"lars.b{s + 1}"], 1e-5)
 
 
 def tfssl_main(seed):
@@ -112,6 +171,7 @@ def tfssl_main(seed):
     rep.add("(1) dL/dz (supports and anchors)", grads[0], off["grad_z"])
     # official targets, recomputed with the official rule on the same h, for the target row check
     rep.note("(2) state", "PAWS has no queue/bank: nothing carried between steps")
+    ours_lars(off, rep)
     rep.print()
     return rep, seen
 
