@@ -36,6 +36,9 @@ B, DIM, QSIZE, T1, T2, M = 16, 32, 64, 0.1, 0.05, 0.99
 # (tag, TF padding patched into torch, weight decay, official run in float64)
 STEP_VARIANTS = (("torchpad", False, 0.0, False), ("tfpad", True, 0.0, False),
                  ("tfpad64", True, 0.0, True), ("tfpad_wd", True, 5e-4, False))
+if os.environ.get("PARITY_STEP_VARIANTS"):  # e.g. "tfpad,tfpad64": run only these
+    STEP_VARIANTS = tuple(v for v in STEP_VARIANTS
+                          if v[0] in os.environ["PARITY_STEP_VARIANTS"].split(","))
 OFFICIAL_KIND = {"ascl": "ascl", "ahcl": "ahcl", "hard": "hard", "moco": "normal"}
 
 
@@ -198,11 +201,67 @@ def official_step(torch, model_mod, kind, tf_pad, wd, steps=2, byol=False, seed=
     return out
 
 
+def official_backbone(torch, model_mod):
+    """(3b) The official ModelBase backbone alone (TF padding patched, split BN, train
+    mode) in float64: output and parameter gradients of sum(out * G)."""
+    torch.manual_seed(3)
+    net = model_mod.ModelBase(dataset="cifar10", projection_dim=128, arch="resnet18")
+    tf_same_padding(torch, net)
+    net.double().train()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = net.net(x)
+    G = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (y * G).sum().backward()
+    out = {"bb.x": x.numpy(), "bb.y": y.detach().numpy(), "bb.G": G.numpy()}
+    for k, v in _param_state(torch, net).items():
+        out["bb.init." + k] = v
+    for k, p in net.named_parameters():
+        if p.grad is not None:
+            out["bb.grad." + k.replace(".conv.", ".")] = p.grad.numpy()
+    return out
+
+
+def ours_backbone(off, rep):
+    import keras
+    import tensorflow as tf
+    from tfssl.models import backbones
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        bb = backbones.resnet(18, (32, 32, 3), cifar_stem=True, norm="ghost_batch")
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
+    init = {k[len("bb.init."):]: v for k, v in off.items() if k.startswith("bb.init.")}
+    maps = {}
+    for t, o in cs.resnet_name_map(seq_prefix="net.").items():
+        try:
+            maps[t] = bb.get_layer(o)
+        except ValueError:
+            pass
+    for t, layer in maps.items():
+        cs.set_keras_layer(layer, init, t)
+    P = _strided_groups(B)
+    x = tf.constant(off["bb.x"].transpose(0, 2, 3, 1)[P])
+    with tf.GradientTape() as tape:
+        y = bb(x, training=True)
+        loss = tf.reduce_sum(y * off["bb.G"][P])
+    grads = tape.gradient(loss, bb.trainable_variables)
+    g = cs.keras_grads_by_layer(maps, bb.trainable_variables, grads)
+    worst = max((_rel_l2(v, off["bb.grad." + k]), k) for k, v in g.items())
+    rep.add("(3b) backbone alone, float64: features", y.numpy(), off["bb.y"][P], 1e-12)
+    rep.add(f"(3b) backbone alone, float64: {len(g)} param grads, worst rel L2 ({worst[1]})",
+            worst[0], 0.0, 1e-12, atol_floor=1.0)
+
+
 def official_main(kinds, do_step, byol=False):
     torch = cs.setup_torch(0)
     cs.official_tree("ascl", "model.py")
     import model as model_mod  # official ASCL model.py
     out = {}
+    if do_step and not byol:
+        out.update(official_backbone(torch, model_mod))
     for kind in kinds:
         for nn_num in (1, 3):
             for k, v in official_targets(torch, model_mod, kind, nn_num, seed=nn_num,
@@ -340,11 +399,14 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2, f64=False, label
     import keras
     import tensorflow as tf
     p = tag + "."
+    # floatx alone is not enough once Keras has a global dtype policy: set both
     keras.config.set_floatx("float64" if f64 else "float32")
+    keras.config.set_dtype_policy("float64" if f64 else "float32")
     try:
         model = _build_ours(kind, byol, wd)
     finally:
         keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
     dt = np.float64 if f64 else np.float32
     tag = label or tag
     maps = _layer_maps(model, byol)
@@ -485,8 +547,14 @@ def tfssl_main(kinds, do_step, script, byol=False, title="ASCL"):
     if do_step:
         for tag, _, wd, _ in STEP_VARIANTS:
             ours_step(off, tag, kinds[0], rep, byol=byol, wd=wd)
-        ours_step(off, "tfpad64", kinds[0], rep, byol=byol, f64=True, label="ours-f64 vs tfpad64")
-        float_floor(off, rep)
+        names = [v[0] for v in STEP_VARIANTS]
+        if "tfpad64" in names:
+            ours_step(off, "tfpad64", kinds[0], rep, byol=byol, f64=True,
+                      label="ours-f64 vs tfpad64")
+        if "tfpad" in names and "tfpad64" in names:
+            float_floor(off, rep)
+        if not byol:
+            ours_backbone(off, rep)
     rep.print()
     return rep
 
