@@ -55,11 +55,6 @@ MOCK_SPLITS = {
 }
 IMAGENET_BASE_SIZE = (232, 240)
 
-SIMMATCH_RESIZED_CROP = (
-    "issue 22 item 2 (helper 'views'): above 96 px view_options adds resized_crop_scale, "
-    "SimMatch.views passes it to augment.strong, which does not accept it (TypeError)")
-
-
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A flagfile, the method it is run with, and the extra command line its
@@ -106,7 +101,7 @@ RECIPES = [
     Recipe("imagenet.cfg", "sela"),
     Recipe("imagenet.cfg", "ascl", ("--norm=sync_batch", "--learning_rate=0.03")),
     Recipe("imagenet.cfg", "moco", ("--norm=sync_batch", "--learning_rate=0.03")),
-    Recipe("simmatch_imagenet.cfg", "simmatch", xfail=SIMMATCH_RESIZED_CROP),
+    Recipe("simmatch_imagenet.cfg", "simmatch"),
     Recipe("paws_imagenet.cfg", "paws"),
 ]
 
