@@ -55,6 +55,7 @@ MOCK_SPLITS = {
 }
 IMAGENET_BASE_SIZE = (232, 240)
 
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A flagfile, the method it is run with, and the extra command line its
