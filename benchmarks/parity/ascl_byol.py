@@ -8,7 +8,7 @@ Run: python3 benchmarks/parity/ascl_byol.py [--kinds ascl,ahcl,hard] [--no-step]
     by the identity on both sides so that only the loss math is compared);
 (2) queue rows / labels / pointer (the official enqueues BYOL keys too);
 (3) two SGD steps of ResNet-18 (CIFAR stem, split BN 8) + the real predictor,
-    weights copied: here the predictor's input differs (see README_self.md).
+    weights copied: here the predictor's input differs (see PARITY.md).
 The official _forward_byol returns the per-sample loss [N] and main_simple.py:79-82
 calls backward() on it, which PyTorch refuses for a non-scalar: the official BYOL
 path cannot run as written; this script takes its mean (what ours does).

@@ -19,7 +19,7 @@ Venv and trees: benchmarks/parity/common_self.py.
     bias/bn excluded from LARS and decay) against tfssl.optimizers.LARS, three steps
     with the learning rate changing every step (as the warm-up/cosine schedule
     does), fixed gradients; weights after each step. The WRN-28-2 forward/backward
-    itself is not run here (see README_self.md).
+    itself is not run here (see PARITY.md).
 """
 from __future__ import annotations
 

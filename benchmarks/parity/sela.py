@@ -15,7 +15,7 @@ Venv and trees: benchmarks/parity/common_self.py.
     official gets exp of them in float64, as its CPU path stores softmax
     outputs), for ours in both formulations (scaled, log), several N, K, lambda.
 (1)/(3) SeLa's training loss is plain cross-entropy on the assigned labels; the
-    step is covered by the semi-supervised/CE scripts (see README_self.md).
+    step is covered by the semi-supervised/CE scripts (see PARITY.md).
 """
 from __future__ import annotations
 
