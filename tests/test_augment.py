@@ -87,3 +87,84 @@ def test_center_crop_takes_the_middle():
     img = tf.constant(np.arange(16 * 16, dtype=np.uint8).reshape(16, 16, 1))
     out = augment.center_crop(14, crop_fraction=14 / 16)(img).numpy()[..., 0]
     np.testing.assert_allclose(out, img.numpy()[1:15, 1:15, 0] / 255.0, atol=1e-6)
+
+
+# --- torchvision's colour semantics (the official MoCo v2 / SimCLR / PAWS views) ---
+
+def _luma(x):
+    return x @ np.array([0.2989, 0.587, 0.114])
+
+
+def _rng_image(h=6, w=5, lo=0.05, hi=0.95, seed=3):
+    return np.random.default_rng(seed).uniform(lo, hi, (h, w, 3)).astype(np.float32)
+
+
+def test_colour_adjustments_match_torchvision_formulas():
+    """Each adjustment against NumPy written from torchvision's definitions
+    (blend with black / the mean luma / the per-pixel luma; hue rotated in HSV).
+    Mutants: contrast around the per-channel mean (tf.image.adjust_contrast);
+    saturation through HSV scaling (tf.image.adjust_saturation); additive
+    brightness; hue not wrapped."""
+    import colorsys
+
+    x = _rng_image()
+    t = tf.constant(x)
+    np.testing.assert_allclose(augment.adjust_brightness(t, 1.3), np.clip(1.3 * x, 0, 1),
+                               atol=1e-6)
+    m = _luma(x).mean()
+    np.testing.assert_allclose(augment.adjust_contrast(t, 0.7),
+                               np.clip(0.7 * x + 0.3 * m, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(augment.adjust_contrast(t, 1.4),
+                               np.clip(1.4 * x - 0.4 * m, 0, 1), atol=1e-6)
+    g = _luma(x)[..., None]
+    np.testing.assert_allclose(augment.adjust_saturation(t, 1.35),
+                               np.clip(1.35 * x - 0.35 * g, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(augment.adjust_saturation(t, 0.0), np.repeat(g, 3, -1),
+                               atol=1e-6)
+    for h in (0.3, -0.45):
+        ref = np.array([[colorsys.hsv_to_rgb((hh + h) % 1.0, s, v)
+                         for hh, s, v in (colorsys.rgb_to_hsv(*p) for p in row)]
+                        for row in x])
+        np.testing.assert_allclose(augment.adjust_hue(t, h), ref, atol=1e-5)
+    np.testing.assert_allclose(augment.grayscale(t)[..., 0], _luma(x), atol=1e-6)
+
+
+def test_color_jitter_draws_torchvision_factors():
+    """``color_jitter(0.4, 0, 0, 0)`` scales each image by one b in [0.6, 1.4];
+    ``color_jitter(0, 0, 0.4, 0)`` blends with the luma by one s in [0.6, 1.4].
+    Mutant: Keras's RandomColorJitter (additive brightness; saturation f / (1 -
+    f), which is negative for f > 1 and turns about a third of the images gray,
+    the old bug)."""
+    tf.random.set_seed(0)
+    x = _rng_image(lo=0.2, hi=0.6)
+    g = _luma(x)[..., None]
+    bright, sat = augment.color_jitter(0.4, 0, 0, 0), augment.color_jitter(0, 0, 0.4, 0)
+    bs, ss = [], []
+    for _ in range(40):
+        y = bright(tf.constant(x)).numpy()
+        b = y / x
+        np.testing.assert_allclose(b, b.flat[0], rtol=1e-5)  # one factor, multiplicative
+        bs.append(b.flat[0])
+        y = sat(tf.constant(x)).numpy()
+        s = ((y - g) / (x - g)).ravel()
+        s = s[np.abs((x - g).ravel()) > 0.05]
+        np.testing.assert_allclose(s, s[0], rtol=1e-3)
+        ss.append(s[0])
+    for f in (bs, ss):
+        assert 0.6 - 1e-5 <= min(f) < 0.7 and 1.3 < max(f) <= 1.4 + 1e-5, (min(f), max(f))
+
+
+def test_gaussian_blur_matches_a_gaussian_filter_with_edge_extension():
+    """Against scipy's Gaussian filter (mode 'nearest': PIL extends the edge
+    pixels) with the same taps. Mutant: a 3-tap kernel (Keras's
+    RandomGaussianBlur(kernel_size=3), which barely blurs at sigma 2)."""
+    from scipy import ndimage
+
+    x = _rng_image(20, 17)
+    for sigma in (0.5, 1.7):
+        ref = np.stack([ndimage.gaussian_filter(x[..., c], sigma, mode="nearest",
+                                                truncate=6 / sigma) for c in range(3)], -1)
+        np.testing.assert_allclose(augment.gaussian_blur(tf.constant(x), sigma), ref,
+                                   atol=1e-5)
+    tiny = augment.gaussian_blur(tf.constant(x[:3, :2]), 2.0)  # smaller than the kernel
+    assert tiny.shape == (3, 2, 3)

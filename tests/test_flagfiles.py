@@ -1,22 +1,12 @@
 """Every flags/*.cfg parses with scripts/train.py's flags into a valid TrainConfig."""
 
 import glob
-import importlib.util
 import os
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
-
-
-@pytest.fixture(scope="module")
-def train_script():
-    spec = importlib.util.spec_from_file_location("_tfssl_train_script",
-                                                  os.path.join(ROOT, "scripts", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)

@@ -116,18 +116,6 @@ def _cases():
             yield pytest.param(r, devices, marks=marks, id=f"{r.id}-{devices}dev")
 
 
-def _train_script():
-    """scripts/train.py as a module (its absl flags, config_from_flags)."""
-    name = "_tfssl_train_script"  # the name tests/test_flagfiles.py loads it under
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts",
-                                                                         "train.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
-
-
 def _parse(script, argv):
     flags = script.F
     flags.unparse_flags()

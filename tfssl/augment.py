@@ -3,8 +3,10 @@
 Every view maps one uint8 image [H, W, C] to float32 [S, S, C] in [0, 1].
 Because views run per element, random choices (RandAugment's ops, crop boxes,
 colour jitter) are drawn per image, not per batch. Built from Keras 3
-preprocessing layers plus ``tf.image`` for what Keras lacks (random-resized
-crop, cutout, apply-with-probability).
+preprocessing layers where their semantics are the official ones, plus
+``tf.image`` for the rest (random-resized crop, cutout, apply-with-probability,
+and torchvision's colour jitter, grayscale and blur, whose Keras layers mean
+something else).
 """
 
 from __future__ import annotations
@@ -156,29 +158,115 @@ def strong(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] =
     return view
 
 
+# torchvision's luma weights (``rgb_to_grayscale``, ITU-R 601-2).
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+def grayscale(x: tf.Tensor) -> tf.Tensor:
+    """Luma ``0.2989 R + 0.587 G + 0.114 B`` of x [H, W, 3], as [H, W, 1]; a
+    one-channel image is returned as it is."""
+    if x.shape[-1] == 1:
+        return x
+    return tf.reduce_sum(x * tf.constant(_LUMA, x.dtype), axis=-1, keepdims=True)
+
+
+def adjust_brightness(x: tf.Tensor, b) -> tf.Tensor:
+    """``clip(b x)``: torchvision's brightness (a blend with black)."""
+    return tf.clip_by_value(x * b, 0.0, 1.0)
+
+
+def adjust_contrast(x: tf.Tensor, c) -> tf.Tensor:
+    """``clip(c x + (1 - c) m)``, m the mean luma of the whole image (one scalar,
+    not a per-channel mean): torchvision's contrast."""
+    m = tf.reduce_mean(grayscale(x))
+    return tf.clip_by_value(c * x + (1.0 - c) * m, 0.0, 1.0)
+
+
+def adjust_saturation(x: tf.Tensor, s) -> tf.Tensor:
+    """``clip(s x + (1 - s) gray(x))`` per pixel: torchvision's saturation
+    (s = 0 gives the grayscale image, s = 1 the image)."""
+    if x.shape[-1] == 1:
+        return x
+    return tf.clip_by_value(s * x + (1.0 - s) * grayscale(x), 0.0, 1.0)
+
+
+def adjust_hue(x: tf.Tensor, h) -> tf.Tensor:
+    """Rotates the HSV hue by ``h`` of a full turn (h in [-0.5, 0.5])."""
+    if x.shape[-1] == 1:
+        return x
+    return tf.clip_by_value(tf.image.adjust_hue(x, h), 0.0, 1.0)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                 hue: float = 0.1) -> View:
+    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)``.
+
+    Per image: b, c, s ~ U(max(0, 1 - v), 1 + v) for v the argument, h ~ U(-hue,
+    hue), and the four adjustments (``adjust_*``) in a random order. Keras's
+    ``RandomColorJitter`` is not this: its saturation factor f in [0, 1] means
+    f / (1 - f) (0.5 is the identity; f > 1 makes a gray image), and its
+    brightness is additive.
+    """
+    ranges = [(max(0.0, 1.0 - v), 1.0 + v) for v in (brightness, contrast, saturation)]
+    ranges.append((-hue, hue))
+
+    def view(x):
+        shape = x.shape
+        factors = [tf.random.uniform([], lo, hi) for lo, hi in ranges]
+        order = tf.random.shuffle(tf.range(4))
+        for position in range(4):
+            x = tf.switch_case(order[position], [
+                (lambda op=op, f=f: op(x, f)) for op, f in zip(_JITTER_OPS, factors)])
+            x.set_shape(shape)
+        return x
+    return view
+
+
+def gaussian_blur(x: tf.Tensor, sigma, max_sigma: float = 2.0) -> tf.Tensor:
+    """Separable Gaussian blur of x [H, W, C] with standard deviation ``sigma``
+    pixels (PIL's ``GaussianBlur(radius=sigma)``, the MoCo v2 / PAWS blur).
+
+    Taps ``k_t ∝ exp(-t² / 2σ²)`` for |t| <= 3 ``max_sigma``; the image's edge
+    pixels extend outwards (as in PIL)."""
+    radius = int(3 * max_sigma + 0.5)
+    t = tf.range(-radius, radius + 1, dtype=tf.float32)
+    k = tf.exp(-0.5 * tf.square(t / sigma))
+    k = k / tf.reduce_sum(k)
+    c = x.shape[-1]
+
+    def edge_pad(y, axis):
+        n = tf.shape(y)[axis]
+        return tf.gather(y, tf.clip_by_value(tf.range(-radius, n + radius), 0, n - 1), axis=axis)
+
+    y = edge_pad(edge_pad(x, 0), 1)[None]
+    kh = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, c, 1])
+    kw = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, c, 1])
+    y = tf.nn.depthwise_conv2d(y, kh, [1, 1, 1, 1], "VALID")
+    y = tf.nn.depthwise_conv2d(y, kw, [1, 1, 1, 1], "VALID")
+    return y[0]
+
+
 def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.8,
                   grayscale_p: float = 0.2, blur_p: float = 0.5,
                   solarize_p: float = 0.0, equalize_p: float = 0.0) -> View:
-    """SimCLR colour distortion on a float [0, 1] image: colour jitter
-    (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur, then
-    solarize (threshold uniform in [0, 1)) and histogram equalisation, each
-    with its probability."""
+    """SimCLR colour distortion on a float [0, 1] image: ``color_jitter`` (0.8s,
+    0.8s, 0.8s, 0.2s) with p=0.8, grayscale (luma) p=0.2, Gaussian blur (sigma
+    ~ U(0.1, 2) px) with p=``blur_p``, then solarize (threshold uniform in [0, 1))
+    and histogram equalisation, each with its probability."""
     s = strength
-    jitter = keras.layers.RandomColorJitter(
-        value_range=(0, 1), brightness_factor=0.8 * s, contrast_factor=0.8 * s,
-        saturation_factor=(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s) if channels == 3 else None,
-        hue_factor=0.2 * s if channels == 3 else None)
-    gray = keras.layers.RandomGrayscale(factor=grayscale_p)
-    blur = keras.layers.RandomGaussianBlur(factor=1.0, kernel_size=3, sigma=(0.1, 2.0),
-                                           value_range=(0, 1))
+    jitter = color_jitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
     # PIL's solarize at a threshold drawn uniformly from [0, 256) (PAWS's Solarize).
     solar = keras.layers.Solarization(threshold_factor=(0.0, 1.0), value_range=(0, 1))
     equalize = keras.layers.Equalization(value_range=(0, 1))
-    steps = [random_apply(lambda x: jitter(x, training=True), jitter_p)]
+    steps = [random_apply(jitter, jitter_p)]
     if channels == 3 and grayscale_p > 0:
-        steps.append(lambda x: gray(x, training=True))
+        steps.append(random_apply(lambda x: tf.tile(grayscale(x), [1, 1, 3]), grayscale_p))
     if blur_p > 0:
-        steps.append(random_apply(lambda x: blur(x, training=True), blur_p))
+        steps.append(random_apply(
+            lambda x: gaussian_blur(x, tf.random.uniform([], 0.1, 2.0)), blur_p))
     if solarize_p > 0:
         steps.append(random_apply(lambda x: solar(x, training=True), solarize_p))
     if equalize_p > 0:
