@@ -28,9 +28,7 @@ and deselected by default (setup.cfg); run them with
 
 import dataclasses
 import glob
-import importlib.util
 import os
-import sys
 import time
 
 import keras
@@ -123,9 +121,9 @@ def _parse(script, argv):
     return flags
 
 
-def shrunk_argv(recipe: Recipe, devices: int, workdir: str) -> list:
-    """The recipe's command line followed by the size-only overrides."""
-    script = _train_script()
+def shrunk_argv(script, recipe: Recipe, devices: int, workdir: str) -> list:
+    """The recipe's command line followed by the size-only overrides (``script``:
+    scripts/train.py as a module, the ``train_script`` fixture)."""
     argv = [f"--flagfile={os.path.join('flags', recipe.flagfile)}", *recipe.extra,
             f"--method={recipe.method}"]
     try:
@@ -211,7 +209,7 @@ def repo_root(monkeypatch):
 
 
 @pytest.mark.parametrize("recipe,devices", list(_cases()))
-def test_recipe_trains_two_steps(recipe, devices, tmp_path, repo_root):
+def test_recipe_trains_two_steps(recipe, devices, tmp_path, repo_root, train_script):
     """Mutants caught: a recipe that crashes at start or in its step (e.g. the
     resized-crop TypeError above 96 px), a step that produces a NaN loss, a step
     whose gradients miss some trainable variable (e.g. a head the loss no longer
@@ -219,8 +217,8 @@ def test_recipe_trains_two_steps(recipe, devices, tmp_path, repo_root):
     mirrored variables drift apart."""
     from tfssl.train import run
 
-    script = _train_script()
-    argv = shrunk_argv(recipe, devices, str(tmp_path / "run"))
+    script = train_script
+    argv = shrunk_argv(script, recipe, devices, str(tmp_path / "run"))
     try:
         _parse(script, argv)
         cfg = script.config_from_flags()

@@ -200,7 +200,20 @@ class SSLModel(keras.Model):
             callbacks = list(callbacks) + [StepPosition()]
         args["callbacks"] = callbacks
         args.pop("self")
+        self._build_optimizer()
         return super().fit(**args)
+
+    def _build_optimizer(self):
+        """Creates the optimizer's slot variables before the first step.
+
+        Keras builds the optimizer in its symbolic build, which it skips for a
+        built model when no strategy was set; the first ``apply`` then creates
+        the slots inside the traced step, and ``tf.function`` traces the whole
+        train step a second time (about half of a short run's start-up on a
+        ResNet)."""
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
 
     def _make_function(self, step_function):
         """The train/test function Keras calls once per ``steps_per_execution``
