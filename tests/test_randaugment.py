@@ -73,6 +73,25 @@ def test_each_op_matches_pil(c):
             assert err <= tol, (name, v, c, err)
 
 
+@pytest.mark.parametrize("c", [1, 3])
+def test_histogram_ops_and_contrast_mean_exact(c):
+    """Equalize on 32x32 images (step = (N - h_last) // 255 > 0; on the 9x11
+    images above it is always the identity), Solarize at integer thresholds
+    (ties k = v), Contrast at v = 0 (the degenerate image alone, no blend
+    tolerance): all exact against PIL. Mutants caught: equalize without the
+    step // 2 offset, solarize inverting k > v instead of k >= v, contrast
+    with the unrounded mean luma."""
+    for seed in range(3):
+        k = (_image(50 + seed, 32, 32, c) // (5 + 20 * seed)) * (5 + 20 * seed)
+        want = _np(ImageOps.equalize(_pil(k)), c)
+        assert np.abs(_ours(ra.equalize, k) - want).max() < 1e-3, seed
+        for t in (0, 100, int(k[0, 0, 0]), 255):
+            want = _np(ImageOps.solarize(_pil(k), t), c)
+            assert np.abs(_ours(ra.solarize, k, float(t)) - want).max() < 1e-3, t
+        want = _np(ImageEnhance.Contrast(_pil(k)).enhance(0.0), c)
+        assert np.abs(_ours(ra.contrast, k, 0.0) - want).max() < 1e-3, seed
+
+
 def test_constant_and_two_level_images():
     """Degenerate histograms: AutoContrast and Equalize leave a constant image
     alone, and Equalize on two levels matches PIL. Mutant caught: dividing by

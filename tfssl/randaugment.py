@@ -118,18 +118,16 @@ def contrast(x: tf.Tensor, v) -> tf.Tensor:
 def equalize(x: tf.Tensor, v=None) -> tf.Tensor:
     """PIL's ``ImageOps.equalize``, per channel: with h the 256-bin histogram,
     N pixels and h_last the count of the largest level present,
-    ``step = (N - h_last) // 256``; if step = 0 the channel is unchanged, else
+    ``step = (N - h_last) // 255``; if step = 0 the channel is unchanged, else
     ``lut[i] = (step // 2 + sum_{j<i} h[j]) // step`` clipped to 255."""
     k = _levels(x)
     c = x.shape[-1]
     flat = tf.reshape(k, [-1, c])
     n = tf.shape(flat)[0]
-    hist = tf.math.bincount(tf.transpose(flat) + 256 * tf.range(c)[:, None],
-                            minlength=256 * c, maxlength=256 * c)
-    hist = tf.reshape(hist, [c, 256])
+    hist = tf.math.bincount(tf.transpose(flat), minlength=256, maxlength=256, axis=-1)
     last = tf.reduce_max(tf.where(hist > 0, tf.range(256)[None], -1), axis=1)
     h_last = tf.gather(hist, last, batch_dims=1)
-    step = (n - h_last) // 256  # [C]
+    step = (n - h_last) // 255  # [C]
     before = tf.cumsum(hist, axis=1, exclusive=True)
     lut = tf.minimum((step[:, None] // 2 + before) // tf.maximum(step[:, None], 1), 255)
     lut = tf.where(step[:, None] > 0, lut, tf.range(256)[None])  # [C, 256]
