@@ -55,10 +55,8 @@ def test_each_op_matches_pil(c):
     """Every op, at values spread over USB's range, against PIL on 9x11 images
     (exact for all but the blends). Mutants caught: rotate clockwise (sign of
     t), rotation about (W-1)/2, affine sampled at x instead of x + 1/2, shear
-    sign, translate by v H on x, equalize without the step // 2 offset or with
-    h_last not removed, autocontrast over all channels at once, posterize by
-    round(v), solarize with k > v, contrast with the unrounded or per-channel
-    mean, sharpness smoothing the border, brightness 1 + v."""
+    sign, translate by v H on x, autocontrast over all channels at once, posterize
+    by round(v), sharpness smoothing the border, brightness 1 + v."""
     for j, (name, lo, hi) in enumerate(ra.OPS):
         fn = ra.FUNCTIONS[name]
         for i, u in enumerate((0.0, 0.13, 0.5, 0.77, 0.999)):
@@ -79,7 +77,8 @@ def test_histogram_ops_and_contrast_mean_exact(c):
     images above it is always the identity), Solarize at integer thresholds
     (ties k = v), Contrast at v = 0 (the degenerate image alone, no blend
     tolerance): all exact against PIL. Mutants caught: equalize without the
-    step // 2 offset, solarize inverting k > v instead of k >= v, contrast
+    step // 2 offset, with h_last kept, with // 256 for PIL's // 255, or
+    without the clip at 255; solarize inverting k > v instead of k >= v, contrast
     with the unrounded mean luma."""
     for seed in range(3):
         k = (_image(50 + seed, 32, 32, c) // (5 + 20 * seed)) * (5 + 20 * seed)
@@ -119,7 +118,7 @@ def _usb_cutout(k, v, x0, y0):
 def test_cutout_matches_usb():
     """Cutout boxes against USB's CutoutAbs + PIL's rectangle (ends included,
     fill (125, 123, 114)). Mutants caught: end excluded (xs < xb), side from a
-    fraction of H on a non-square image... fill 0.5 gray, start rounded not
+    fraction of H on a non-square image, fill 0.5 gray, start rounded not
     truncated."""
     k = _image(7, h=10, w=12)
     for v, x0, y0 in [(0.3, 5.2, 3.7), (0.45, 11.9, 9.5), (0.1, 1.0, 1.0), (0.26, 6.5, 8.1)]:
