@@ -108,13 +108,6 @@ def cutout(image: tf.Tensor, max_fraction: float = 0.5, fill: float = 0.5) -> tf
     return tf.where(inside[..., None], tf.cast(fill, image.dtype), image)
 
 
-def _rgb(fn: View, channels: int) -> View:
-    """Runs an RGB-only op on a grayscale image (tiled to 3 channels, averaged back)."""
-    if channels == 3:
-        return fn
-    return lambda x: tf.reduce_mean(fn(tf.tile(x, [1, 1, 3])), axis=-1, keepdims=True)
-
-
 def weak(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = None,
          resized_crop_scale: Optional[Sequence[float]] = None) -> View:
     """Weak view: horizontal flip + reflect-pad-and-crop (``pad`` pixels, default
@@ -140,19 +133,26 @@ def weak(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = N
 
 
 def strong(size: int, channels: int = 3, flip: bool = True, pad: Optional[int] = None,
-           num_ops: int = 2, magnitude: float = 0.5, cutout_fraction: float = 0.5,
+           num_ops: int = 3, magnitude: Optional[float] = None, cutout_fraction: float = 0.5,
            resized_crop_scale: Optional[Sequence[float]] = None) -> View:
     """Strong view: the weak view (pad-and-crop, or a random-resized crop when
-    ``resized_crop_scale`` is given), then RandAugment (``num_ops`` ops drawn per
-    image, Keras magnitude ``magnitude`` in [0, 1]), then Cutout."""
+    ``resized_crop_scale`` is given), then USB's RandAugment
+    (``tfssl.randaugment``: ``num_ops`` ops drawn per image, 3 in USB's CIFAR /
+    SVHN / STL-10 strong view, each with its value uniform over the op's range)
+    and USB's Cutout (side ``v W``, v ~ U(0, ``cutout_fraction``); 0 for none).
+
+    ``magnitude`` must be None: USB's RandAugment has no magnitude (its ``m`` is
+    unused); the argument is kept for old callers of the Keras variant."""
+    if magnitude is not None:
+        raise ValueError("strong(): USB's RandAugment draws each op's value over its "
+                         "whole range; magnitude is not a parameter (got "
+                         f"{magnitude!r}).")
+    from tfssl import randaugment  # imports this module
     base = weak(size, channels, flip=flip, pad=pad, resized_crop_scale=resized_crop_scale)
-    ra = keras.layers.RandAugment(value_range=(0, 1), num_ops=num_ops, factor=magnitude)
-    randaugment = _rgb(lambda x: ra(x, training=True), channels)
+    ra = randaugment.rand_augment(num_ops, cutout_fraction)
 
     def view(image):
-        x = tf.clip_by_value(randaugment(base(image)), 0.0, 1.0)
-        if cutout_fraction > 0:
-            x = cutout(x, cutout_fraction)
+        x = ra(base(image))
         x.set_shape([size, size, channels])
         return x
     return view

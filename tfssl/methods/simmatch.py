@@ -139,7 +139,8 @@ class SimMatch(SSLModel):
         """Labeled ``weak``; unlabeled ``weak`` and ``strong``.
 
         At CIFAR/SVHN/STL sizes (``opts`` without ``resized_crop_scale``): weak
-        is flip + pad-and-crop, strong is weak + FixMatch's RandAugment + Cutout.
+        is flip + pad-and-crop, strong is weak + USB's RandAugment (3 ops) + Cutout
+        (``tfssl.randaugment``).
         At ImageNet size (``resized_crop_scale`` given), the official SimMatch
         ImageNet views (``data/transforms.py``): weak is a random-resized crop of
         area (0.2, 1) + flip, strong is MoCo v2's augmentation (the official
