@@ -199,6 +199,43 @@ def test_schedule_fires_at_the_image_counts_and_resumes_mid_schedule():
     assert [(h["call"], h["images_seen"]) for h in cb2.history] == [(3, 56)]
 
 
+def test_fit_relabels_at_the_official_steps_across_a_restart(tmp_path):
+    """A fit of 6 epochs of 2 steps of 8 (3 passes over N = 32; a tfssl epoch
+    is half a pass), nopts 4, linear, stopped after 4 epochs and resumed from a
+    checkpoint in a fresh model: 3 relabellings, at the steps the official CIFAR
+    loop (3 epochs at batch 8) gives, 0, 6 and 11, the last one after the
+    restart only.
+
+    Mutants caught: ``relabels_done`` not restored (a plain attribute): the
+    resumed run redoes relabelling 1 at step 8; the old schedule (6 epochs
+    taken as 6 passes): relabels at steps 0 and 10 only."""
+    official = _official_cifar_fractions(32, 8, 3, 4) * 12
+    assert official.tolist() == [0, 6, 11]
+    train, feats = _data(n=32, batch=8)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2, nopts=4,
+                 schedule="linear", relabel_mode="eval")
+        m.compile(optimizer=keras.optimizers.SGD(0.01))
+        cb = Relabel(feats, m.relabel_schedule(6, 2, 8), global_batch=8, verbose=False)
+        return m, cb
+
+    m, cb = build()
+    m.fit(train.repeat(), epochs=4, steps_per_epoch=2, verbose=0, callbacks=[cb])
+    ckpt = tf.train.Checkpoint(model=m, optimizer=m.optimizer)
+    path = ckpt.save(str(tmp_path / "ckpt"))
+    m2, cb2 = build()
+    m2.optimizer.build(m2.trainable_variables)
+    tf.train.Checkpoint(model=m2, optimizer=m2.optimizer).restore(path).assert_consumed()
+    assert int(m2.optimizer.iterations.numpy()) == 8
+    m2.fit(train.repeat(), epochs=6, initial_epoch=4, steps_per_epoch=2, verbose=0,
+           callbacks=[cb2])
+    steps = [h["images_seen"] // 8 for h in cb.history + cb2.history]
+    assert steps == [0, 6, 11]
+    assert [h["call"] for h in cb2.history] == [2]
+
+
 def test_one_head_per_call_rotates_heads():
     keras.utils.set_random_seed(0)
     train, feats = _data()
