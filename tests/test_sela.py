@@ -305,7 +305,8 @@ def test_relabel_pass_has_full_batches_padded_with_images_marked_minus_one():
     source = data.digits()
     m = SeLa(_encoder(), num_train=source.num_train, num_clusters=3, num_heads=1)
     _, views = SeLa.views(dict(size=8, channels=1, flip=False))
-    ctx = dict(source=source, unlabeled_views=views, epochs=1, unlabeled_batch_size=64)
+    ctx = dict(source=source, unlabeled_views=views, epochs=1, steps_per_epoch=1,
+               unlabeled_batch_size=64)
     relabel = m.training_callbacks(ctx)[0]
     for input_context in (None, tf.distribute.InputContext(2, 1, 2)):
         batches = list(relabel.data(input_context))
