@@ -2,7 +2,7 @@
 """Train a tfssl method.
 
     python scripts/train.py --flagfile=flags/digits.cfg                  # supervised baseline
-    python scripts/train.py --method=sela --flagfile=flags/imagenet.cfg
+    python scripts/train.py --flagfile=flags/sela_imagenet.cfg
 
 Flagfiles (flags/<dataset>.cfg) hold a dataset scale's settings, with each
 method's hyperparameters under that method's prefix (``--<method>_<name>``);

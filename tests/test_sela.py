@@ -54,10 +54,123 @@ def test_relabel_writes_the_sinkhorn_labels_of_each_head():
 
 
 def test_relabel_times():
-    assert relabel_times(9, 100, 5, "linear") == [0, 250, 500, 750, 1000]
-    assert relabel_times(1, 100, 3, "quadratic") == [0, 50, 200]
+    # 10 passes of 100 images, linear: (10 + 1.0001) x 100 x j / 4
+    want = [1100.01 * j / 4 for j in range(5)]
+    np.testing.assert_allclose(relabel_times(1000, 100, 5, "linear"), want)
+    np.testing.assert_allclose(relabel_times(100, 100, 3, "quadratic"),
+                               [0, 101 / 4, 101])
     with pytest.raises(ValueError, match="schedule"):
         relabel_times(1, 1, 2, "cubic")
+
+
+def _official_cifar_fractions(n, bs, epochs, nopts):
+    """The official CIFAR loop (self-label cifar.py:186-187, 291-295), run step
+    by step: the fraction of the run's steps at which each relabelling fires."""
+    times = ((epochs + 1.0001) * n * np.linspace(0, 1, nopts)[::-1]).tolist()
+    times = [(epochs + 10) * n] + times
+    steps_per_epoch = -(-n // bs)  # DataLoader without drop_last
+    total = epochs * steps_per_epoch
+    fired = []
+    for niter in range(total):
+        if niter * bs >= times[-1]:
+            times.pop()
+            fired.append(niter / total)
+    return np.array(fired)
+
+
+class _Counter:
+    """Stand-in for the optimizer step counter / ``relabels_done``."""
+
+    def __init__(self, v=0):
+        self.v = v
+
+    def numpy(self):
+        return self.v
+
+    def assign(self, v):
+        self.v = int(v)
+
+
+def _schedule_fractions(epochs, steps_per_epoch, batch, n=50000, nopts=400,
+                        schedule="linear"):
+    """Runs ``Relabel``'s decision at every step of a run (no network):
+    fractions of the run's steps at which it relabels."""
+    import types
+
+    m = SeLa.__new__(SeLa)  # only the schedule's attributes
+    m.num_train, m.nopts, m.schedule = n, nopts, schedule
+    times = SeLa.relabel_schedule(m, epochs, steps_per_epoch, batch)
+    fake = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=_Counter()),
+                                 relabels_done=_Counter(), num_heads=10,
+                                 relabel=lambda f, heads=None: {})
+    cb = Relabel(None, times, batch, one_head_per_call=True, verbose=False)
+    cb._model = fake
+    cb._features = lambda: None
+    total = epochs * steps_per_epoch
+    fired = []
+    for step in range(total):
+        fake.optimizer.iterations.v = step
+        before = len(cb.history)
+        cb.on_train_batch_begin(step)
+        if len(cb.history) > before:
+            fired.append(step / total)
+    return np.array(fired)
+
+
+@pytest.mark.parametrize("epochs,steps_per_epoch,batch", [
+    (400, 391, 128),    # the official recipe (flags/sela_cifar10.cfg)
+    (400, 100, 500),    # 400 passes in epochs of 1 pass, another batch
+    (40, 1000, 500),    # 400 passes in 40 epochs of 10 passes
+])
+def test_relabel_schedule_matches_the_official_cifar_schedule(epochs, steps_per_epoch, batch):
+    """The relabellings fire at the official CIFAR script's fractions of the
+    run (400 epochs of 50000 images, batch 128, nopts 400, linear) for any
+    steps per epoch and batch that make the same 400 passes, each within 0.15%
+    of the run (the official loop counts its last, partial batch of an epoch
+    as full: 391 x 128 = 50048 images an epoch). The official run fires 399
+    (the 400th is past the end); its 399th, due at 399.995 passes, fires at
+    99.9% of the run only through that overcount, so tfssl may miss it when
+    its own steps count exact passes.
+
+    Mutant caught: ``relabel_schedule`` taking one tfssl epoch for one pass
+    (``relabel_times(epochs * N, ...)``, the old code): with 40 epochs of 10
+    passes every relabelling comes in the first 10% of the run."""
+    official = _official_cifar_fractions(50000, 128, 400, 400)
+    ours = _schedule_fractions(epochs, steps_per_epoch, batch)
+    assert len(official) == 399
+    assert len(official) - 1 <= len(ours) <= len(official)
+    assert official[len(ours):].min(initial=1.0) > 0.998
+    np.testing.assert_allclose(ours, official[:len(ours)],
+                               atol=1.5e-3 + 1.0 / (epochs * steps_per_epoch))
+    assert ours[-1] > 0.99
+
+
+def test_relabel_schedule_matches_the_official_imagenet_schedule():
+    """ImageNet (self-label main.py:134-135, 161): 401 epochs of N = 1281167 at
+    batch 256, nopts 100, quadratic; the official step of relabelling j is the
+    first with ``step x 256 >= (400 + 1.01) N (j / 99)^2``. tfssl, over about the
+    same 401 passes in epochs of 1000 steps of 512 images, fires at the same
+    fractions of the run (within 0.01%). The official run also fires the 100th,
+    153 steps before its end, only because it counts its partial batch as full;
+    tfssl does not (its last is at 97.6% of the run, as the official 99th).
+
+    Mutant caught: ``OVERSHOOT["quadratic"]`` 1.01 (the CIFAR offset, as if the
+    run were E epochs): every time moves by 0.25% of the run and the 99th
+    falls past the end."""
+    n, bs, e = 1281167, 256, 400
+    l = -(-n // bs)
+    total = (e + 1) * l
+    t = (e + 1.01) * n * np.linspace(0, 1, 100) ** 2
+    steps = np.ceil(t / bs)
+    official = steps[steps < total] / total
+    assert len(official) == 100
+    m = SeLa.__new__(SeLa)
+    m.num_train, m.nopts, m.schedule = n, 100, "quadratic"
+    epochs, spe, batch = 401 * n // (1000 * 512), 1000, 512  # 1003 epochs, ~401 passes
+    ours = np.array(SeLa.relabel_schedule(m, epochs, spe, batch)) / (epochs * spe * batch)
+    ours = ours[ours <= 1]
+    assert len(ours) == 99
+    np.testing.assert_allclose(ours, official[:99], atol=1e-4 + 1.0 / (epochs * spe))
 
 
 def _data(n=32, batch=8):
@@ -84,6 +197,43 @@ def test_schedule_fires_at_the_image_counts_and_resumes_mid_schedule():
     cb2 = Relabel(feats, [0, 20, 40, 56], global_batch=8, verbose=False)
     m.fit(train.repeat(), epochs=1, steps_per_epoch=2, verbose=0, callbacks=[cb2])
     assert [(h["call"], h["images_seen"]) for h in cb2.history] == [(3, 56)]
+
+
+def test_fit_relabels_at_the_official_steps_across_a_restart(tmp_path):
+    """A fit of 6 epochs of 2 steps of 8 (3 passes over N = 32; a tfssl epoch
+    is half a pass), nopts 4, linear, stopped after 4 epochs and resumed from a
+    checkpoint in a fresh model: 3 relabellings, at the steps the official CIFAR
+    loop (3 epochs at batch 8) gives, 0, 6 and 11, the last one after the
+    restart only.
+
+    Mutants caught: ``relabels_done`` not restored (a plain attribute): the
+    resumed run redoes relabelling 1 at step 8; the old schedule (6 epochs
+    taken as 6 passes): relabels at steps 0 and 10 only."""
+    official = _official_cifar_fractions(32, 8, 3, 4) * 12
+    assert official.tolist() == [0, 6, 11]
+    train, feats = _data(n=32, batch=8)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        m = SeLa(_encoder(), num_train=32, num_clusters=4, num_heads=2, nopts=4,
+                 schedule="linear", relabel_mode="eval")
+        m.compile(optimizer=keras.optimizers.SGD(0.01))
+        cb = Relabel(feats, m.relabel_schedule(6, 2, 8), global_batch=8, verbose=False)
+        return m, cb
+
+    m, cb = build()
+    m.fit(train.repeat(), epochs=4, steps_per_epoch=2, verbose=0, callbacks=[cb])
+    ckpt = tf.train.Checkpoint(model=m, optimizer=m.optimizer)
+    path = ckpt.save(str(tmp_path / "ckpt"))
+    m2, cb2 = build()
+    m2.optimizer.build(m2.trainable_variables)
+    tf.train.Checkpoint(model=m2, optimizer=m2.optimizer).restore(path).assert_consumed()
+    assert int(m2.optimizer.iterations.numpy()) == 8
+    m2.fit(train.repeat(), epochs=6, initial_epoch=4, steps_per_epoch=2, verbose=0,
+           callbacks=[cb2])
+    steps = [h["images_seen"] // 8 for h in cb.history + cb2.history]
+    assert steps == [0, 6, 11]
+    assert [h["call"] for h in cb2.history] == [2]
 
 
 def test_one_head_per_call_rotates_heads():
@@ -155,7 +305,8 @@ def test_relabel_pass_has_full_batches_padded_with_images_marked_minus_one():
     source = data.digits()
     m = SeLa(_encoder(), num_train=source.num_train, num_clusters=3, num_heads=1)
     _, views = SeLa.views(dict(size=8, channels=1, flip=False))
-    ctx = dict(source=source, unlabeled_views=views, epochs=1, unlabeled_batch_size=64)
+    ctx = dict(source=source, unlabeled_views=views, epochs=1, steps_per_epoch=1,
+               unlabeled_batch_size=64)
     relabel = m.training_callbacks(ctx)[0]
     for input_context in (None, tf.distribute.InputContext(2, 1, 2)):
         batches = list(relabel.data(input_context))

@@ -9,6 +9,7 @@ over its K clusters (``tfssl.ops.sinkhorn``). The loss never sees true labels.
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Dict, Optional
 
@@ -30,18 +31,38 @@ def balanced_random_labels(num_heads: int, num_train: int, num_clusters: int,
     return np.stack([rng.permutation(base) for _ in range(num_heads)]).astype(np.int32)
 
 
-def relabel_times(epochs: int, num_train: int, nopts: int, schedule: str = "quadratic"):
-    """Image counts at which to relabel: ``(epochs + 1) * N * s_j`` for
-    ``s = linspace(0, 1, nopts) ** p`` (p = 2 quadratic, ImageNet; p = 1 linear,
-    CIFAR), as the official code spreads its ``nopts`` optimisations; the first
-    is at 0. Sorted ints."""
-    if schedule not in ("quadratic", "linear"):
+# Passes over N the official schedule reaches beyond the run's own P passes:
+# CIFAR (cifar.py:186, linear) spreads (E + 1.0001) N over a run of E epochs
+# (cifar.py:330); ImageNet (main.py:135, quadratic) spreads (E + 1.01) N over a
+# run of E + 1 epochs (main.py:161). So the last time is just past the end.
+OVERSHOOT = {"linear": 1.0001, "quadratic": 0.01}
+
+
+def relabel_times(total_images: float, num_train: int, nopts: int,
+                  schedule: str = "quadratic"):
+    """Images seen at which to relabel: ``(P + c) N s_j``, ``s = linspace(0, 1,
+    nopts) ** p``, where ``P = total_images / N`` is the run's length in passes
+    over the N images, p = 1, c = 1.0001 (``linear``, the official CIFAR
+    script) or p = 2, c = 0.01 (``quadratic``, the official ImageNet one).
+
+    As fractions of the run this is the official schedule of a run of P
+    epochs, whatever the steps per epoch and the batch: the first at 0, the
+    last just after the end (it never fires, as in the official runs).
+
+    Args:
+      total_images: the run's images, epochs x steps_per_epoch x global batch.
+      num_train: N.
+    Returns:
+      sorted floats, one per relabelling.
+    """
+    if schedule not in OVERSHOOT:
         raise ValueError(f"schedule must be quadratic or linear, got {schedule!r}.")
     if nopts < 1:
         raise ValueError(f"nopts must be >= 1, got {nopts}.")
     p = 2 if schedule == "quadratic" else 1
     s = np.linspace(0.0, 1.0, nopts) ** p
-    return sorted(int(t) for t in (epochs + 1) * num_train * s)
+    passes = total_images / num_train + OVERSHOOT[schedule]
+    return sorted(float(t) for t in passes * num_train * s)
 
 
 class SeLa(SSLModel):
@@ -106,6 +127,9 @@ class SeLa(SSLModel):
             self.cluster_heads.append(head)
         self.labels = self.state_variable("labels", (num_heads, num_train), dtype="int32")
         self.labels.assign(balanced_random_labels(num_heads, num_train, num_clusters, seed))
+        # How many of the schedule's times are done (checkpointed with the
+        # labels, so a resumed run continues the same schedule).
+        self.relabels_done = self.state_variable("relabels_done", (), dtype="int32")
         self.loss_tracker = self.tracker("loss")
         self.init_ema()
 
@@ -175,9 +199,16 @@ class SeLa(SSLModel):
                              num_parallel_calls=tf.data.AUTOTUNE).batch(bs).prefetch(2)
             return data.evaluation(d, source.image_shape[0], bs)
 
-        times = relabel_times(ctx["epochs"], self.num_train, self.nopts, self.schedule)
+        times = self.relabel_schedule(ctx["epochs"], ctx["steps_per_epoch"],
+                                      ctx["unlabeled_batch_size"])
         return [Relabel(feats, times, ctx["unlabeled_batch_size"], self.one_head_per_call),
                 ClusterMetrics(source.train_labels)]
+
+    def relabel_schedule(self, epochs: int, steps_per_epoch: int, global_batch: int):
+        """``relabel_times`` of a run of ``epochs x steps_per_epoch`` steps of
+        ``global_batch`` unlabeled images (a tfssl epoch need not be one pass)."""
+        return relabel_times(epochs * steps_per_epoch * global_batch, self.num_train,
+                             self.nopts, self.schedule)
 
     def head_logits(self, features):
         """[hc, B, K] logits of every head."""
@@ -255,10 +286,10 @@ class Relabel(keras.callbacks.Callback):
     """Runs ``SeLa.relabel`` when the images seen (optimizer steps x global
     batch) pass each of ``times`` (see ``relabel_times``).
 
-    Images seen come from the optimizer's step counter, which checkpoints
-    restore, so a resumed run continues the schedule where it stood (relabels
-    after the last checkpoint are redone, those before are in the restored
-    label table). ``one_head_per_call``: head j of a call is ``call % hc``
+    Images seen come from the optimizer's step counter, and the number of
+    times done from the model's ``relabels_done``; checkpoints restore both
+    (with the label table), so a resumed run relabels at the same steps as an
+    uninterrupted one. ``one_head_per_call``: head j of a call is ``call % hc``
     (CIFAR schedule); otherwise all heads each time (ImageNet schedule).
 
     ``features_dataset``: batches ``{"image", "index"}`` over the whole
@@ -343,21 +374,16 @@ class Relabel(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         seen = int(self.model.optimizer.iterations.numpy()) * self.global_batch
-        due = [i for i, t in enumerate(self.times) if t <= seen]
-        done = getattr(self, "_done", None)
-        if done is None:  # on (re)start: everything before this step was done already
-            prev = max(seen - self.global_batch, -1)
-            self._done = done = {i for i, t in enumerate(self.times) if t <= prev} if seen else set()
-        todo = [i for i in due if i not in done]
-        if not todo:
+        done = int(self.model.relabels_done.numpy())
+        call = bisect.bisect_right(self.times, seen) - 1  # the last time <= seen
+        if call < done:
             return
-        call = todo[-1]
         heads = [call % self.model.num_heads] if self.one_head else None
         stats = self.model.relabel(self._features(), heads)
+        self.model.relabels_done.assign(call + 1)
         stats.update(call=call, images_seen=seen)
         self.history.append(stats)
         self.last = stats
-        done.update(todo)
         if self.verbose:
             print(f"\nrelabel {call}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
