@@ -1,6 +1,7 @@
 """Every flags/*.cfg parses with scripts/train.py's flags into a valid TrainConfig."""
 
 import glob
+import importlib.util
 import os
 
 import pytest
