@@ -60,7 +60,14 @@ flags.DEFINE_string("optimizer", d.optimizer,
 flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
 flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
 flags.DEFINE_boolean("nesterov", d.nesterov, "Nesterov momentum (sgd and lars).")
-flags.DEFINE_float("weight_decay", d.weight_decay, "Weight decay (not on biases / BN).")
+flags.DEFINE_float("weight_decay", d.weight_decay,
+                   "Weight decay (not on the variables named in --weight_decay_exclude).")
+flags.DEFINE_list("weight_decay_exclude", list(d.weight_decay_exclude),
+                  "Variable names that never decay (nor, with lars, get the trust ratio): "
+                  "biases and BN's gamma / beta by default (USB, PAWS, FixMatch-TF). Empty "
+                  "(--weight_decay_exclude=) decays every parameter, as torch's "
+                  "SGD(model.parameters(), weight_decay=wd) in the official ASCL, "
+                  "SimMatch-ImageNet and self-label codes.")
 flags.DEFINE_enum("weight_decay_form", d.weight_decay_form, ["coupled", "decoupled"],
                   "coupled: g <- g + wd * w before the momentum (PyTorch's SGD and Adam; the "
                   "same as TF FixMatch's wd * sum(l2_loss) in the loss; LARS's only form); "
@@ -73,7 +80,17 @@ flags.DEFINE_float("final_learning_rate", d.final_learning_rate,
                    "Learning rate the cosine decay ends at.")
 flags.DEFINE_float("lars_trust_coefficient", d.lars_trust_coefficient,
                    "LARS trust coefficient eta (--optimizer=lars; 0.001 in PAWS).")
-flags.DEFINE_string("lr_schedule", d.lr_schedule, "cosine or constant.")
+flags.DEFINE_enum("lr_schedule", d.lr_schedule, ["cosine", "partial_cosine", "step", "constant"],
+                  "cosine: warm-up, then 0.5 (1 + cos(pi p)) down to --final_learning_rate; "
+                  "partial_cosine: warm-up, then lr cos(pi f p) with f = --lr_cosine_fraction "
+                  "(USB and FixMatch: 7/16); step: lr * --lr_step_factor at each of "
+                  "--lr_step_epochs (self-label); constant. p = progress after the warm-up.")
+flags.DEFINE_float("lr_cosine_fraction", d.lr_cosine_fraction,
+                   "partial_cosine: f in lr cos(pi f p) (USB / FixMatch: 7/16 = 0.4375).")
+flags.DEFINE_list("lr_step_epochs", [str(e) for e in d.lr_step_epochs],
+                  "step: 0-based epochs from which the rate is multiplied by --lr_step_factor "
+                  "once more (self-label CIFAR 400 epochs: 240,320).")
+flags.DEFINE_float("lr_step_factor", d.lr_step_factor, "step: the multiplier at each epoch.")
 flags.DEFINE_float("ema_decay", d.ema_decay, "EMA of weights for evaluation/export (off if unset).")
 flags.DEFINE_string("strategy", d.strategy, "auto, default, mirrored, multi_worker, tpu.")
 flags.DEFINE_integer("num_cpu_devices", d.num_cpu_devices,
@@ -222,6 +239,11 @@ def config_from_flags() -> TrainConfig:
     kwargs = {name: getattr(F, name) for name in fields}
     kwargs["export_dir"] = F.export_dir or None
     kwargs["verbose"] = F.verbose if F.verbose == "auto" else int(F.verbose)
+    kwargs["weight_decay_exclude"] = tuple(F.weight_decay_exclude)
+    try:
+        kwargs["lr_step_epochs"] = tuple(int(e) for e in F.lr_step_epochs)
+    except ValueError:
+        sys.exit(f"error: --lr_step_epochs takes integers, got {','.join(F.lr_step_epochs)}.")
     try:
         kwargs["profile_batches"] = tuple(int(b) for b in F.profile_batches)
     except ValueError:

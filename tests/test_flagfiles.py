@@ -29,8 +29,7 @@ def test_flagfile_parses_and_validates(train_script, path, monkeypatch):
 # The key official values of every recipe, each with its source (repository@commit
 # file:line; full commits in docs/recipes.md). Keys: (flagfile, method); values:
 # TrainConfig field (or "method_args.<name>") -> (expected, source). tfssl's own
-# digits recipes have no official counterpart and are not listed; SeLa's values
-# are left to the SeLa flagfiles (docs/recipes.md, SeLa section).
+# digits recipes have no official counterpart and are not listed.
 USB = "microsoft/Semi-supervised-learning@1ef4cbe"
 USB_SM = f"{USB} config/classic_cv/simmatch/simmatch_cifar10_40_0.yaml"
 USB_FM = f"{USB} config/classic_cv/fixmatch/fixmatch_cifar10_40_0.yaml"
@@ -39,6 +38,9 @@ ASCL = "MrChenFeng/Adaptive-Soft-Contrastive-Learning_ICPR2022@6de9b3d main.py"
 SUNCET = "facebookresearch/suncet@731547d configs/paws"
 MIXM = "google-research/mixmatch@1011a1d"
 SIMM = "KyleZheng1997/simmatch@93a7b24"
+SELA = "yukimasano/self-label@3891e37"
+USB_SCHED = f"{USB} semilearn/core/utils/build.py:217-238 cos(pi 7/16 k / K)"
+_KEEP = ("bias", "gamma", "beta")  # biases and BN parameters never decay
 _CIFAR_SGD = {  # USB's CIFAR SGD, SimMatch and FixMatch alike
     "optimizer": ("sgd", f"{USB_SM}:28"),
     "learning_rate": (0.03, f"{USB_SM}:29"),
@@ -50,6 +52,9 @@ _CIFAR_SGD = {  # USB's CIFAR SGD, SimMatch and FixMatch alike
     "unlabeled_batch_size": (None, f"{USB_SM}:23 uratio 7 (None: 7 x 64)"),
     "backbone": ("wrn28_2", f"{USB_SM}:37"),
     "ema_decay": (0.999, f"{USB_SM}:25 ema_m"),
+    "lr_schedule": ("partial_cosine", USB_SCHED),
+    "lr_cosine_fraction": (7 / 16, USB_SCHED),
+    "weight_decay_exclude": (_KEEP, f"{USB} semilearn/core/utils/build.py:197-206 bn_wd_skip"),
 }
 _MIXMATCH = {  # google-research/mixmatch, the paper's CIFAR-10 setting
     "optimizer": ("adam", f"{MIXM} mixmatch.py:94 AdamOptimizer"),
@@ -93,6 +98,8 @@ OFFICIAL = {
         "nesterov": (False, f"{ASCL}:59 (no nesterov argument)"),
         "weight_decay": (5e-4, f"{ASCL}:33"),
         "weight_decay_form": ("coupled", f"{ASCL}:59 torch SGD weight_decay"),
+        "weight_decay_exclude": ((), f"{ASCL}:59 SGD(model.parameters())"),
+        "lr_schedule": ("cosine", f"{ASCL}:30,81 --cos, adjust_learning_rate"),
         "unlabeled_batch_size": (256, f"{ASCL}:32"),
         "epochs": (200, f"{ASCL}:27"),
         "warmup_epochs": (5, f"{ASCL}:29"),
@@ -108,6 +115,7 @@ OFFICIAL = {
     ("ascl_cifar10.cfg", "moco"): {
         "nesterov": (False, f"{ASCL}:59"),
         "weight_decay_form": ("coupled", f"{ASCL}:59"),
+        "weight_decay_exclude": ((), f"{ASCL}:59"),
         "method_args.queue_size": (4096, f"{ASCL}:36"),
         "method_args.momentum": (0.99, f"{ASCL}:34"),
         "method_args.t1": (0.1, f"{ASCL}:42"),
@@ -118,6 +126,8 @@ OFFICIAL = {
         "start_learning_rate": (0.8, f"{SUNCET}/cifar10_train.yaml:39"),
         "final_learning_rate": (0.032, f"{SUNCET}/cifar10_train.yaml:35"),
         "warmup_epochs": (10, f"{SUNCET}/cifar10_train.yaml:40"),
+        "lr_schedule": ("cosine", "facebookresearch/suncet@731547d src/utils.py:67 WarmupCosineSchedule, paws_train.py:484"),
+        "weight_decay_exclude": (_KEEP, f"{SUNCET} (src/paws_train.py:470-475 bias / bn excluded)"),
         "epochs": (600, f"{SUNCET}/cifar10_train.yaml:34"),
         "momentum": (0.9, f"{SUNCET}/cifar10_train.yaml:37"),
         "nesterov": (False, f"{SUNCET}/cifar10_train.yaml:38"),
@@ -143,6 +153,7 @@ OFFICIAL = {
         "epochs": (100, f"{SUNCET}/imgnt_train.yaml:34"),
         "nesterov": (False, f"{SUNCET}/imgnt_train.yaml:38"),
         "weight_decay": (1e-6, f"{SUNCET}/imgnt_train.yaml:41"),
+        "weight_decay_exclude": (_KEEP, f"{SUNCET} (src/paws_train.py:470-475)"),
         "unlabeled_batch_size": (4096, f"{SUNCET}/imgnt_train.yaml:8 (64 x 64 GPUs)"),
         "method_args.num_local": (6, f"{SUNCET}/imgnt_train.yaml:15"),
         "method_args.finetune_epochs": (50, f"{SUNCET}/imgnt_fine_tune.yaml:23"),
@@ -155,6 +166,8 @@ OFFICIAL = {
         "nesterov": (True, f"{SIMM} script/train.sh:4 --nesterov"),
         "weight_decay": (1e-4, f"{SIMM} simmatch.py:72"),
         "weight_decay_form": ("coupled", f"{SIMM} simmatch.py:225-228 torch SGD"),
+        "weight_decay_exclude": ((), f"{SIMM} simmatch.py:225 SGD(model.parameters())"),
+        "lr_schedule": ("cosine", f"{SIMM} utils/lr_schedule.py:20-23 (--cos)"),
         "batch_size": (64, f"{SIMM} simmatch.py:59 (8 per GPU x 8 GPUs)"),
         "unlabeled_batch_size": (320, f"{SIMM} simmatch.py:115 mu 5"),
         "epochs": (400, f"{SIMM} script/train.sh:4 --epochs 400"),
@@ -168,6 +181,34 @@ OFFICIAL = {
         "method_args.da_len": (256, f"{SIMM} models/simmatch.py:49"),
         "method_args.teacher": ("ema", f"{SIMM} models/simmatch.py:38,53-65"),
         "method_args.teacher_momentum": (0.999, f"{SIMM} simmatch.py:123"),
+    },
+    ("sela_cifar10.cfg", "sela"): {
+        "learning_rate": (0.03, f"{SELA} scripts/cifar.sh:16"),
+        "epochs": (400, f"{SELA} scripts/cifar.sh:11"),
+        "nesterov": (False, f"{SELA} cifar.py:206"),
+        "weight_decay": (5e-4, f"{SELA} cifar.py:206"),
+        "weight_decay_form": ("coupled", f"{SELA} cifar.py:206 torch SGD"),
+        "weight_decay_exclude": ((), f"{SELA} cifar.py:206 SGD(model.parameters())"),
+        "lr_schedule": ("step", f"{SELA} cifar.py:254-258"),
+        "lr_step_epochs": ((240, 320), f"{SELA} cifar.py:256 0.1^((epoch - 160) // 80)"),
+        "lr_step_factor": (0.1, f"{SELA} cifar.py:256"),
+        "unlabeled_batch_size": (128, f"{SELA} scripts/cifar.sh:15"),
+        "method_args.num_clusters": (128, f"{SELA} scripts/cifar.sh:5-6"),
+        "method_args.num_heads": (10, f"{SELA} scripts/cifar.sh:5"),
+        "method_args.lam": (10.0, f"{SELA} cifar.py:121"),
+    },
+    ("sela_imagenet.cfg", "sela"): {
+        "learning_rate": (0.08, f"{SELA} main.py:180"),
+        "nesterov": (False, f"{SELA} main.py:137-140"),
+        "weight_decay": (1e-5, f"{SELA} main.py:182 10^-5"),
+        "weight_decay_exclude": ((), f"{SELA} main.py:137 all requires_grad parameters"),
+        "lr_schedule": ("step", f"{SELA} main.py:28-29"),
+        "lr_step_epochs": ((150, 300, 350), f"{SELA} main.py:28-29,181 --lrdrop 150"),
+        "lr_step_factor": (0.1, f"{SELA} main.py:28"),
+        "unlabeled_batch_size": (256, f"{SELA} scripts/resnet.sh:13"),
+        "method_args.num_clusters": (3000, f"{SELA} scripts/resnet.sh:9"),
+        "method_args.num_heads": (10, f"{SELA} scripts/resnet.sh:8"),
+        "method_args.lam": (25.0, f"{SELA} main.py:188"),
     },
     ("mixmatch_cifar10_250.cfg", "mixmatch"): _MIXMATCH,
     ("mixmatch_cifar10_4000.cfg", "mixmatch"): _MIXMATCH,

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfssl.train import TrainConfig, run
+from tfssl.train import ConfigError, TrainConfig, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +103,9 @@ def test_run_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
 def _built_optimizer(**kw):
     from tfssl.train import _optimizer
 
-    cfg = TrainConfig(**kw)
+    cfg = TrainConfig(**{"epochs": 1, **kw})
     cfg.validate()
-    return _optimizer(cfg, total_steps=10, warmup_steps=0)
+    return _optimizer(cfg, steps_per_epoch=10)
 
 
 @pytest.mark.parametrize("kw,form", [
@@ -166,6 +166,108 @@ def test_optimizer_has_the_flags_decay_form_and_nesterov(kw, form):
         np.testing.assert_allclose(kernel.numpy()[0, 0], want, rtol=1e-6)
     else:  # Adam and AdamW: the kernel decays, the bias not
         assert float(kernel.numpy()[0, 0]) < 1.0
+
+
+@pytest.mark.parametrize("optimizer,form", [("sgd", "coupled"), ("sgd", "decoupled"),
+                                            ("adam", "coupled"), ("lars", "coupled")])
+def test_weight_decay_exclude_empty_decays_every_parameter(optimizer, form):
+    """``--weight_decay_exclude=`` (empty): the official ASCL, SimMatch-ImageNet
+    and self-label codes decay every parameter (``SGD(model.parameters(),
+    weight_decay=wd)``); the default excludes biases and BN's gamma / beta.
+    One step from w = 1, g = 0: the bias moves by exactly what the kernel
+    moves (LARS: a non-zero gradient, the bias is then adapted like a kernel).
+
+    Mutants: ``_optimizer`` passing the default exclude list whatever the flag
+    (the bias stays at 1); ``summary.json`` still naming the default list."""
+    from tfssl.train import optimizer_summary
+
+    kw = dict(optimizer=optimizer, weight_decay_form=form, learning_rate=0.1,
+              lr_schedule="constant", weight_decay=0.01, momentum=0.9, nesterov=False)
+    for exclude in ((), ("bias", "gamma", "beta")):
+        cfg = TrainConfig(**kw, weight_decay_exclude=exclude)
+        assert optimizer_summary(cfg)["weight_decay_excludes"] == list(exclude)
+        opt = _built_optimizer(**kw, weight_decay_exclude=exclude)
+        kernel = keras.Variable(np.ones((4, 4), "float32"), name="kernel")
+        bias = keras.Variable(np.ones(4, "float32"), name="bias")
+        g = 0.5 if optimizer == "lars" else 0.0
+        opt.apply([np.full((4, 4), g, "float32"), np.full(4, g, "float32")], [kernel, bias])
+        moved_k, moved_b = 1 - float(kernel.numpy()[0, 0]), 1 - float(bias.numpy()[0])
+        assert moved_k > 0
+        if exclude:
+            assert moved_b != pytest.approx(moved_k, rel=1e-3)
+        else:
+            assert moved_b == pytest.approx(moved_k, rel=1e-5)
+
+
+def _lr_at(cfg, steps_per_epoch, ks):
+    from tfssl.train import _learning_rate
+
+    lr = _learning_rate(cfg, steps_per_epoch)
+    return np.array([float(lr(k)) for k in ks])
+
+
+def test_step_schedule_is_self_labels_epoch_wise_drop():
+    """``--lr_schedule=step --lr_step_epochs=240,320``: self-label's CIFAR
+    ``adjust_learning_rate`` at 400 epochs, ``lr 0.1^((epoch - 160) // 80)``
+    from epoch 160, set at the start of each epoch; and its ImageNet lambda,
+    ``lr 0.1^(epoch // 150)`` below epoch 350, ``lr 0.1^3`` from it. Both
+    evaluated here from those formulas for every optimizer step ``k`` (Keras
+    calls the schedule with the step count before the update), epoch k // spe.
+
+    Mutants: boundaries at ``e * spe`` (the first step of epoch 240 keeps the
+    old rate); the factor applied once too often; epochs counted from 1."""
+    spe = 3
+    cfg = TrainConfig(epochs=400, lr_schedule="step", lr_step_epochs=(240, 320), learning_rate=0.03)
+    cfg.validate()
+    ks = np.arange(400 * spe)
+    epoch = ks // spe
+    want = np.where(epoch >= 160, 0.03 * 0.1 ** ((epoch - 160) // 80), 0.03)
+    np.testing.assert_allclose(_lr_at(cfg, spe, ks), want, rtol=1e-6)
+
+    cfg = TrainConfig(epochs=401, lr_schedule="step", lr_step_epochs=(150, 300, 350),
+                      learning_rate=0.08)
+    ks = np.arange(401 * 2)
+    epoch = ks // 2
+    want = (epoch < 350) * 0.08 * 0.1 ** (epoch // 150) + (epoch >= 350) * 0.08 * 0.1 ** 3
+    np.testing.assert_allclose(_lr_at(cfg, 2, ks), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_partial_cosine_is_usbs_schedule(warmup):
+    """``--lr_schedule=partial_cosine``: USB's ``get_cosine_schedule_with_warmup``
+    (``num_cycles = 7/16``): ``k / W`` during a warm-up of W steps, then
+    ``max(0, cos(pi 7/16 (k - W) / (K - W)))``, times the peak (FixMatch's
+    ``eta cos(7 pi k / 16 K)`` at W = 0). Ends at cos(7 pi / 16) = 0.195 of the
+    peak, not at 0.
+
+    Mutants: the full cosine (0.5 (1 + cos(pi p))); the fraction ignored (f = 1/2);
+    the warm-up's progress counted from step 0."""
+    spe, epochs = 5, 8
+    cfg = TrainConfig(epochs=epochs, lr_schedule="partial_cosine", learning_rate=0.03,
+                      warmup_epochs=warmup)
+    cfg.validate()
+    K, W = epochs * spe, warmup * spe
+    ks = np.arange(K)
+    want = np.where(ks < W, ks / max(1, W),
+                    np.maximum(0.0, np.cos(np.pi * 7 / 16 * (ks - W) / (K - W)))) * 0.03
+    np.testing.assert_allclose(_lr_at(cfg, spe, ks), want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(lr_schedule="step"), "--lr_step_epochs"),
+    (dict(lr_schedule="step", lr_step_epochs=(20, 10)), "increasing"),
+    (dict(lr_schedule="step", lr_step_epochs=(30,)), "[1, --epochs=30)"),
+    (dict(lr_schedule="step", lr_step_epochs=(10,), lr_step_factor=1.0), "--lr_step_factor"),
+    (dict(lr_schedule="step", lr_step_epochs=(10,), warmup_epochs=2), "--warmup_epochs=0"),
+    (dict(lr_step_epochs=(10,)), "is for --lr_schedule=step"),
+    (dict(lr_schedule="partial_cosine", lr_cosine_fraction=0.0), "--lr_cosine_fraction"),
+])
+def test_schedule_flags_are_checked(kw, needle):
+    """Bad schedule flags fail in ``validate`` naming the flag (mutant: a step
+    list accepted unsorted, silently dropping a decay)."""
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw).validate()
+    assert needle in str(e.value)
 
 
 class _Interrupt(keras.callbacks.Callback):

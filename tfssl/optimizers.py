@@ -6,7 +6,9 @@
 - ``Adam``: Keras's Adam with the same coupled L2 (PyTorch's
   ``Adam(weight_decay=wd)``).
 - ``LARS`` (You et al., 2017) as the official PAWS code wraps it around SGD.
-- ``warmup_cosine``: the warm-up + cosine schedule they are used with.
+- Schedules: ``warmup_cosine`` (warm-up + cosine to a final rate),
+  ``PartialCosine`` (``lr cos(pi f k / K)``, USB / FixMatch's ``f = 7/16``) and
+  ``step_decay`` (x ``factor`` at given epochs, SeLa's and SimMatch's step form).
 
 Keras's own ``weight_decay`` argument is decoupled (``w <- w - lr wd w``,
 applied apart from the gradient); at momentum 0.9 it is about 10x weaker than
@@ -21,7 +23,8 @@ added once, as on one device, and never summed over replicas.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import Iterable, Optional, Sequence
 
 import keras
 from keras import ops
@@ -248,3 +251,73 @@ def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0,
         initial_learning_rate=start_lr if warmup_steps else peak_lr, decay_steps=decay,
         alpha=final_lr / peak_lr if peak_lr else 0.0,
         warmup_target=peak_lr if warmup_steps else None, warmup_steps=warmup_steps)
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class PartialCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """``lr_k = peak_lr cos(pi f (k - W) / (K - W))`` after a linear warm-up
+    from ``start_lr`` over ``W`` steps, for optimizer step ``k`` of ``K``.
+
+    With ``f = 7/16`` this is the schedule of FixMatch (``eta cos(7 pi k / 16 K)``)
+    and of USB's ``get_cosine_schedule_with_warmup`` (its ``num_cycles``); it
+    ends at ``cos(7 pi / 16) = 0.195`` of the peak, not at 0. Clipped at 0 for
+    ``f > 1/2``, as USB's ``max(0, cos(...))``.
+
+    Args:
+      peak_lr: the rate after the warm-up, ``eta``.
+      total_steps: ``K``, the optimizer steps of the run.
+      fraction: ``f`` in (0, 1].
+      warmup_steps: ``W`` (0: none).
+      start_lr: the rate at step 0 of the warm-up.
+    """
+
+    def __init__(self, peak_lr: float, total_steps: int, fraction: float = 7 / 16,
+                 warmup_steps: int = 0, start_lr: float = 0.0):
+        if total_steps < 1 or not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, "
+                             f"{total_steps}.")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"the cosine fraction must be in (0, 1], got {fraction}.")
+        self.peak_lr, self.total_steps, self.fraction = float(peak_lr), int(total_steps), float(fraction)
+        self.warmup_steps, self.start_lr = int(warmup_steps), float(start_lr)
+
+    def __call__(self, step):
+        k = ops.cast(step, "float32")
+        w = float(self.warmup_steps)
+        progress = ops.clip((k - w) / float(self.total_steps - self.warmup_steps), 0.0, 1.0)
+        decay = self.peak_lr * ops.maximum(ops.cos(math.pi * self.fraction * progress), 0.0)
+        if not self.warmup_steps:
+            return decay
+        warm = self.start_lr + (self.peak_lr - self.start_lr) * k / w
+        return ops.where(k < w, warm, decay)
+
+    def get_config(self):
+        return dict(peak_lr=self.peak_lr, total_steps=self.total_steps, fraction=self.fraction,
+                    warmup_steps=self.warmup_steps, start_lr=self.start_lr)
+
+
+def step_decay(peak_lr: float, steps_per_epoch: int, epochs: Sequence[int],
+               factor: float = 0.1):
+    """``peak_lr factor^(number of e in epochs with epoch >= e)``, constant within
+    an epoch: the rate of every step of epoch ``epoch`` (0-based) is fixed at the
+    epoch's start, as ``adjust_learning_rate`` in self-label and SimMatch sets it.
+
+    Args:
+      peak_lr: the rate of epoch 0.
+      steps_per_epoch: optimizer steps per epoch.
+      epochs: the epochs (0-based, increasing) from which the rate is multiplied
+        by ``factor`` once more (self-label CIFAR, 400 epochs: 240, 320;
+        self-label ImageNet: 150, 300, 350).
+      factor: the multiplier at each of ``epochs``.
+    """
+    epochs = [int(e) for e in epochs]
+    if not epochs or any(e < 1 for e in epochs) or epochs != sorted(set(epochs)):
+        raise ValueError(f"step epochs must be increasing positive integers, got {epochs}.")
+    if not 0 < factor < 1 or steps_per_epoch < 1:
+        raise ValueError(f"need 0 < factor < 1 and steps_per_epoch >= 1, got {factor}, "
+                         f"{steps_per_epoch}.")
+    # Keras's PiecewiseConstantDecay gives values[i] for boundaries[i-1] < k <= boundaries[i];
+    # step k belongs to epoch k // steps_per_epoch, so epoch e starts after boundary e*spe - 1.
+    boundaries = [e * steps_per_epoch - 1 for e in epochs]
+    values = [peak_lr * factor ** i for i in range(len(epochs) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)

@@ -23,7 +23,7 @@ import numpy as np
 
 BACKUP_DIR = "backup"
 OPTIMIZERS = ("sgd", "adam", "adamw", "lars")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "partial_cosine", "step", "constant")
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,10 @@ class TrainConfig:
     final_learning_rate: float = 0.0
     lars_trust_coefficient: float = 0.001
     lr_schedule: str = "cosine"
+    lr_cosine_fraction: float = 7 / 16  # partial_cosine: lr cos(pi f k / K)
+    lr_step_epochs: Sequence[int] = ()  # step: epochs where the rate is multiplied
+    lr_step_factor: float = 0.1  # step: by this factor
+    weight_decay_exclude: Sequence[str] = ("bias", "gamma", "beta")  # names that never decay
     ema_decay: Optional[float] = None
     strategy: str = "auto"
     num_cpu_devices: int = 1
@@ -126,6 +130,21 @@ class TrainConfig:
             raise ConfigError(f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+        if self.lr_schedule == "partial_cosine" and not 0 < self.lr_cosine_fraction <= 1:
+            raise ConfigError(f"--lr_cosine_fraction must be in (0, 1], got "
+                              f"{self.lr_cosine_fraction}.")
+        if self.lr_schedule == "step":
+            e = [int(x) for x in self.lr_step_epochs]
+            if not e or e != sorted(set(e)) or e[0] < 1 or e[-1] >= self.epochs:
+                raise ConfigError(f"--lr_schedule=step needs --lr_step_epochs: increasing epochs "
+                                  f"in [1, --epochs={self.epochs}), got {list(self.lr_step_epochs)}.")
+            if not 0 < self.lr_step_factor < 1:
+                raise ConfigError(f"--lr_step_factor must be in (0, 1), got {self.lr_step_factor}.")
+            if self.warmup_epochs:
+                raise ConfigError("--lr_schedule=step has no warm-up: give --warmup_epochs=0.")
+        elif self.lr_step_epochs:
+            raise ConfigError(f"--lr_step_epochs is for --lr_schedule=step, not "
+                              f"--lr_schedule={self.lr_schedule}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.start_learning_rate < 0 or self.final_learning_rate < 0:
@@ -208,30 +227,51 @@ def optimizer_summary(cfg: TrainConfig) -> Dict[str, Any]:
     weight decay's value and form (``coupled``: ``g + wd w`` before the
     momentum, PyTorch's SGD; ``decoupled``: ``w - lr wd w``, Keras's), and
     the momentum and Nesterov setting of the momentum optimizers."""
-    from tfssl.optimizers import DEFAULT_EXCLUDE
-
     out: Dict[str, Any] = {"name": cfg.optimizer, "learning_rate": cfg.learning_rate,
                            "lr_schedule": cfg.lr_schedule, "weight_decay": cfg.weight_decay,
                            "weight_decay_form": weight_decay_form(cfg),
-                           "weight_decay_excludes": list(DEFAULT_EXCLUDE)}
+                           "weight_decay_excludes": list(cfg.weight_decay_exclude)}
+    if cfg.lr_schedule == "partial_cosine":
+        out["lr_cosine_fraction"] = cfg.lr_cosine_fraction
+    if cfg.lr_schedule == "step":
+        out.update(lr_step_epochs=[int(e) for e in cfg.lr_step_epochs],
+                   lr_step_factor=cfg.lr_step_factor)
     if cfg.optimizer in ("sgd", "lars"):
         out.update(momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
     return out
 
 
-def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
+def _learning_rate(cfg: TrainConfig, steps_per_epoch: int):
+    """The learning rate or schedule the flags describe, over the run's
+    ``epochs x steps_per_epoch`` optimizer steps."""
+    from tfssl import optimizers
+
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    if cfg.lr_schedule == "cosine":
+        return optimizers.warmup_cosine(cfg.learning_rate, max(total_steps, warmup_steps + 1),
+                                        warmup_steps, cfg.start_learning_rate,
+                                        cfg.final_learning_rate)
+    if cfg.lr_schedule == "partial_cosine":
+        return optimizers.PartialCosine(cfg.learning_rate, max(total_steps, warmup_steps + 1),
+                                        cfg.lr_cosine_fraction, warmup_steps,
+                                        cfg.start_learning_rate)
+    if cfg.lr_schedule == "step":
+        return optimizers.step_decay(cfg.learning_rate, steps_per_epoch, cfg.lr_step_epochs,
+                                     cfg.lr_step_factor)
+    return cfg.learning_rate
+
+
+def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
     """The optimizer the flags describe (validated: LARS is coupled, AdamW
-    decoupled). Biases and normalisation parameters never decay."""
+    decoupled). Variables named in ``--weight_decay_exclude`` (biases and
+    normalisation parameters unless the recipe's official code decays every
+    parameter) never decay."""
     import keras
 
     from tfssl import optimizers
 
-    if cfg.lr_schedule == "cosine":
-        lr = optimizers.warmup_cosine(cfg.learning_rate, max(total_steps, warmup_steps + 1),
-                                      warmup_steps, cfg.start_learning_rate,
-                                      cfg.final_learning_rate)
-    else:
-        lr = cfg.learning_rate
+    lr = _learning_rate(cfg, steps_per_epoch)
+    exclude = tuple(cfg.weight_decay_exclude)
     coupled = weight_decay_form(cfg) == "coupled"
     wd = cfg.weight_decay
     if cfg.optimizer == "lars":
@@ -239,12 +279,12 @@ def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
         # and normalisation parameters from both itself.
         return optimizers.LARS(lr, momentum=cfg.momentum, weight_decay=wd,
                                trust_coefficient=cfg.lars_trust_coefficient,
-                               nesterov=cfg.nesterov, exclude=optimizers.DEFAULT_EXCLUDE)
+                               nesterov=cfg.nesterov, exclude=exclude)
     if coupled:
         if cfg.optimizer == "sgd":
             return optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                  weight_decay=wd, exclude=optimizers.DEFAULT_EXCLUDE)
-        return optimizers.Adam(lr, weight_decay=wd, exclude=optimizers.DEFAULT_EXCLUDE)
+                                  weight_decay=wd, exclude=exclude)
+        return optimizers.Adam(lr, weight_decay=wd, exclude=exclude)
     if cfg.optimizer == "sgd":
         opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                    weight_decay=wd or None)
@@ -252,9 +292,8 @@ def _optimizer(cfg: TrainConfig, total_steps: int, warmup_steps: int):
         opt = keras.optimizers.Adam(lr, weight_decay=wd or None)
     else:
         opt = keras.optimizers.AdamW(lr, weight_decay=wd)
-    if wd:
-        # No decay on biases and normalisation parameters.
-        opt.exclude_from_weight_decay(var_names=list(optimizers.DEFAULT_EXCLUDE))
+    if wd and exclude:
+        opt.exclude_from_weight_decay(var_names=list(exclude))
     return opt
 
 
@@ -517,7 +556,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
             model, backbone_name = build_model(cfg, source, labeled_ids)
         except ValueError as e:
             raise ConfigError(f"{e} (method arguments come from the --{cfg.method}_* flags)") from e
-        model.compile(optimizer=_optimizer(cfg, cfg.epochs * steps, cfg.warmup_epochs * steps),
+        model.compile(optimizer=_optimizer(cfg, steps),
                       steps_per_execution=cfg.steps_per_execution)
 
     use_ema = model.evaluate_with_ema
