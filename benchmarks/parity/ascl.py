@@ -18,7 +18,11 @@ Compares, kind by kind:
      backbones.resnet(18, cifar_stem) with norm=ghost_batch), weights copied from
      torch: loss, per-layer grad norms, weights, BN statistics of the online and
      key encoders, key-encoder parameters, queue. Variants: torch's symmetric
-     stride-2 padding (official, as is) and torch patched to TF "same" padding.
+     stride-2 padding (official, as is) and torch patched to TF "same" padding;
+     tfpad_wd / tfpad64_wd: weight decay 5e-4 (official coupled, every parameter)
+     against ours with tfssl.optimizers.SGD coupled, nothing excluded (the recipe's
+     --weight_decay_form=coupled --weight_decay_exclude=), and tfpad_wd against
+     Keras's decoupled weight_decay too (row label "keras-decoupled").
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ import common_self as cs  # noqa: E402
 B, DIM, QSIZE, T1, T2, M = 16, 32, 64, 0.1, 0.05, 0.99
 # (tag, TF padding patched into torch, weight decay, official run in float64)
 STEP_VARIANTS = (("torchpad", False, 0.0, False), ("tfpad", True, 0.0, False),
-                 ("tfpad64", True, 0.0, True), ("tfpad_wd", True, 5e-4, False))
+                 ("tfpad64", True, 0.0, True), ("tfpad_wd", True, 5e-4, False),
+                 ("tfpad64_wd", True, 5e-4, True))
 if os.environ.get("PARITY_STEP_VARIANTS"):  # e.g. "tfpad,tfpad64": run only these
     STEP_VARIANTS = tuple(v for v in STEP_VARIANTS
                           if v[0] in os.environ["PARITY_STEP_VARIANTS"].split(","))
@@ -360,16 +365,24 @@ def ours_targets(off, kind, nn_num, rep, byol=False):
     return seen
 
 
-def _build_ours(kind, byol=False, wd=0.0):
+def _build_ours(kind, byol=False, wd=0.0, wd_form="coupled"):
+    """``wd`` > 0: ``wd_form`` "coupled" is tfssl.optimizers.SGD with no variable
+    excluded (what flags/ascl_cifar10.cfg builds: --weight_decay_form=coupled
+    --weight_decay_exclude=, as the official SGD(model.parameters(), wd)); "decoupled"
+    is Keras's own SGD weight_decay (the f8a35f9 comparison, D3)."""
     import keras
+    from tfssl import optimizers as tfssl_opt
     from tfssl.methods import ascl as ascl_mod
     from tfssl.models import backbones
     bb = backbones.resnet(18, (32, 32, 3), cifar_stem=True, norm="ghost_batch")
     cls = ascl_mod.ASCLBYOL if byol else ascl_mod.ASCL
     model = cls(bb, queue_size=QSIZE, kind=kind, num_neighbours=1, proj_dims=(2048, 128),
                 t1=T1, t2=T2, momentum=M)
-    model.compile(optimizer=keras.optimizers.SGD(0.03, momentum=0.9, weight_decay=wd or None),
-                  run_eagerly=True)
+    if wd and wd_form == "coupled":
+        opt = tfssl_opt.SGD(0.03, momentum=0.9, weight_decay=wd, exclude=())
+    else:
+        opt = keras.optimizers.SGD(0.03, momentum=0.9, weight_decay=wd or None)
+    model.compile(optimizer=opt, run_eagerly=True)
     return model
 
 
@@ -393,7 +406,8 @@ def _layer_maps(model, byol=False):
     return maps
 
 
-def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2, f64=False, label=None):
+def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2, f64=False, label=None,
+              wd_form="coupled"):
     """``f64``: our networks in float64 (keras floatx; the method's heads and loss
     stay float32, as _project casts), to separate float32 noise from differences."""
     import keras
@@ -403,7 +417,7 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2, f64=False, label
     keras.config.set_floatx("float64" if f64 else "float32")
     keras.config.set_dtype_policy("float64" if f64 else "float32")
     try:
-        model = _build_ours(kind, byol, wd)
+        model = _build_ours(kind, byol, wd, wd_form)
     finally:
         keras.config.set_floatx("float32")
         keras.config.set_dtype_policy("float32")
@@ -548,9 +562,17 @@ def tfssl_main(kinds, do_step, script, byol=False, title="ASCL"):
         for tag, _, wd, _ in STEP_VARIANTS:
             ours_step(off, tag, kinds[0], rep, byol=byol, wd=wd)
         names = [v[0] for v in STEP_VARIANTS]
+        if "tfpad_wd" in names:  # the same official run against Keras's decoupled decay (D3)
+            wd = dict((v[0], v[2]) for v in STEP_VARIANTS)["tfpad_wd"]
+            ours_step(off, "tfpad_wd", kinds[0], rep, byol=byol, wd=wd,
+                      wd_form="decoupled", label="tfpad_wd keras-decoupled")
         if "tfpad64" in names:
             ours_step(off, "tfpad64", kinds[0], rep, byol=byol, f64=True,
                       label="ours-f64 vs tfpad64")
+        if "tfpad64_wd" in names:  # coupled decay without the float32 noise of D2
+            ours_step(off, "tfpad64_wd", kinds[0], rep, byol=byol, f64=True,
+                      wd=dict((v[0], v[2]) for v in STEP_VARIANTS)["tfpad64_wd"],
+                      label="ours-f64 vs tfpad64_wd")
         if "tfpad" in names and "tfpad64" in names:
             float_floor(off, rep)
         if not byol:

@@ -106,7 +106,10 @@ def _ours_lars(off, rep, LRS, name):
     from tfssl.optimizers import LARS
     w = keras.Variable(off["lars.w0"], name="kernel")
     b = keras.Variable(off["lars.b0"], name="bias")
-    sched = keras.optimizers.schedules.PiecewiseConstantDecay([1, 2], list(LRS))
+    # step s reads the schedule at optimizer.iterations = s (before the increment):
+    # boundaries 0, 1, ... give LRS[s] at step s ([1, 2] gave 0.1, 0.1, 0.5)
+    sched = keras.optimizers.schedules.PiecewiseConstantDecay(list(range(len(LRS) - 1)),
+                                                              list(LRS))
     opt = LARS(sched, momentum=0.9, weight_decay=WD, trust_coefficient=0.001)
     for s in range(len(LRS)):
         opt.apply([off[f"lars.gw{s}"], off[f"lars.gb{s}"]], [w, b])
