@@ -115,3 +115,54 @@ def test_fused_batch_norm_matches_keras_batch_norm():
                                atol=1e-10)  # float64 precision, which a float32 kernel lacks
     assert isinstance(models.get_backbone("small_cnn", (8, 8, 1)).get_layer("bn0"),
                       FusedBatchNormalization)
+
+
+def _mixmatch_tf_wrn_params(filters, scales, repeat=4, channels=3):
+    """Parameters (trainable and BN moving statistics) of MixMatch-TF's
+    ``ResNet.classifier`` (libml/models.py) without its dense head, counted from
+    its structure: a 3x3 stem to 16 channels; per scale s, ``repeat`` residual
+    blocks at ``filters << s`` (BN-act, 3x3, BN-act, 3x3, 1x1 projection when
+    the width changes); a final BN. Convolutions without bias (tfssl's D1); a
+    BN has 4 numbers per channel (gamma, beta, mean, variance)."""
+    total, c = 9 * channels * 16, 16
+    for s in range(scales):
+        f = filters << s
+        for _ in range(repeat):
+            total += 4 * c + 9 * c * f + 4 * f + 9 * f * f + (c * f if c != f else 0)
+            c = f
+    return total + 4 * c
+
+
+@pytest.mark.parametrize("name,shape,filters,scales", [
+    ("wrn28_2", (32, 32, 3), 32, 3),
+    ("wrn28_8", (32, 32, 3), 128, 3),
+    ("wrn28_f135", (32, 32, 3), 135, 3),  # MixMatch-TF CIFAR-100 (runs/table1.sh:18)
+    ("wrn28_2_s4", (96, 96, 3), 32, 4),  # MixMatch-TF STL-10 --scales=4 (runs/table2.sh:18)
+])
+def test_wide_resnet_is_mixmatch_tfs_filters_and_scales(name, shape, filters, scales):
+    """``wrn<depth>_f<filters>`` and ``_s<scales>`` build MixMatch-TF's network
+    with its ``--filters`` / ``--scales``: the parameter count equals the count
+    from the official structure, the output has ``filters << (scales - 1)``
+    channels, and each scale after the first halves the side.
+
+    Mutants: stage widths still 16 x width (135 -> 128: count off); ``_s4``
+    ignored (3 stages: count and output off); the stride-2 block missing on the
+    fourth scale (side 24 instead of 12)."""
+    net = models.get_backbone(name, shape)
+    assert net.count_params() == _mixmatch_tf_wrn_params(filters, scales)
+    assert net.output_shape == (None, filters << (scales - 1))
+    last = net.get_layer(f"stage{scales}_block3_conv2")
+    assert last.output.shape[1] == shape[0] // 2 ** (scales - 1)
+
+
+def test_backbone_names_are_checked():
+    """Unknown names fail in TrainConfig.validate and get_backbone alike
+    (mutant: a regex that admits ``wrn28_``)."""
+    from tfssl.train import ConfigError, TrainConfig
+
+    for bad in ("wrn28_", "wrn28_f", "wrn_2", "wrn28_2_s"):
+        with pytest.raises(ConfigError):
+            TrainConfig(backbone=bad).validate()
+        with pytest.raises(ValueError):
+            models.get_backbone(bad, (32, 32, 3))
+    TrainConfig(backbone="wrn28_f135").validate()

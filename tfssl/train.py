@@ -90,7 +90,7 @@ class TrainConfig:
         Runs before any data is read or any TensorFlow device is touched."""
         from tfssl import distribute, methods
         from tfssl.data.sources import TFDS_SPECS
-        from tfssl.models.backbones import BACKBONES, NORMS
+        from tfssl.models.backbones import BACKBONES, NORMS, is_backbone
 
         methods.get(self.method)
         if self.dataset == "folder" and not self.data_dir:
@@ -122,8 +122,9 @@ class TrainConfig:
             raise ConfigError(f"--labels_per_class must be >= 1, got {self.labels_per_class}.")
         if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
             raise ConfigError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
-        if self.backbone != "auto" and self.backbone not in BACKBONES:
-            raise ConfigError(f"--backbone={self.backbone!r} is not one of {('auto',) + BACKBONES}.")
+        if self.backbone != "auto" and not is_backbone(self.backbone):
+            raise ConfigError(f"--backbone={self.backbone!r} is not one of {('auto',) + BACKBONES} "
+                              f"nor wrn<depth>_<width> / wrn<depth>_f<filters>[_s<scales>].")
         if self.norm not in NORMS:
             raise ConfigError(f"--norm={self.norm!r} is not one of {NORMS}.")
         if self.optimizer not in OPTIMIZERS:

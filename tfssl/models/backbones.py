@@ -8,6 +8,7 @@ what makes N replicas equal one device), or ``none``.
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import keras
@@ -209,18 +210,29 @@ def resnet(depth: int = 18, input_shape: Sequence[int] = (224, 224, 3),
 
 def wide_resnet(depth: int = 28, width: int = 2, input_shape: Sequence[int] = (32, 32, 3),
                 norm: str = "batch", bn_momentum: float = 0.999,
-                leaky_slope: float = 0.1) -> keras.Model:
+                leaky_slope: float = 0.1, filters: Optional[int] = None,
+                scales: int = 3) -> keras.Model:
     """WideResNet-depth-width (Zagoruyko & Komodakis 2016) as in MixMatch/FixMatch:
     pre-activation blocks, LeakyReLU(0.1), BN momentum 0.999 (PyTorch's 0.001).
-    WRN-28-2 has about 1.47M parameters. Output: [B, 64 * width]."""
+    WRN-28-2 has about 1.47M parameters.
+
+    Stage ``s`` (of ``scales``) has ``filters * 2^s`` channels and, for s > 0, a
+    stride-2 first block: MixMatch-TF's ``filters << scale`` network, whose
+    ``--filters`` and ``--scales`` the two arguments are (``filters`` defaults
+    to ``16 * width``; its CIFAR-100 run uses 135, its STL-10 run 4 scales).
+    ``(depth - 4) / 6`` blocks per stage. Output: [B, filters * 2^(scales - 1)].
+    """
     if (depth - 4) % 6:
         raise ValueError(f"WideResNet depth must be 6n+4, got {depth}.")
+    filters = 16 * width if filters is None else int(filters)
+    if filters < 1 or scales < 1:
+        raise ValueError(f"WideResNet needs filters >= 1 and scales >= 1, got {filters}, {scales}.")
     n = (depth - 4) // 6
     act = lambda: layers.LeakyReLU(negative_slope=leaky_slope)
     bn = lambda name: _norm(norm, momentum=bn_momentum, epsilon=1e-3, name=name)
     x = inp = keras.Input(shape=tuple(input_shape))
     x = _conv(16, 3, name="stem_conv")(x)
-    for stage, filters in enumerate([16 * width, 32 * width, 64 * width]):
+    for stage, stage_filters in enumerate([filters << k for k in range(scales)]):
         for b in range(n):
             stride = 2 if (b == 0 and stage > 0) else 1
             name = f"stage{stage + 1}_block{b}"
@@ -229,20 +241,30 @@ def wide_resnet(depth: int = 28, width: int = 2, input_shape: Sequence[int] = (3
             # input (official MixMatch/FixMatch: activate_before_residual on the
             # first scale); stages 2-3 project the raw input.
             shortcut_in = pre if (b == 0 and stage == 0) else x
-            y = _conv(filters, 3, stride, name=f"{name}_conv1")(pre)
+            y = _conv(stage_filters, 3, stride, name=f"{name}_conv1")(pre)
             y = act()(bn(f"{name}_bn2")(y))
-            y = _conv(filters, 3, 1, name=f"{name}_conv2")(y)
-            if stride != 1 or x.shape[-1] != filters:
-                shortcut = _conv(filters, 1, stride, name=f"{name}_down")(shortcut_in)
+            y = _conv(stage_filters, 3, 1, name=f"{name}_conv2")(y)
+            if stride != 1 or x.shape[-1] != stage_filters:
+                shortcut = _conv(stage_filters, 1, stride, name=f"{name}_down")(shortcut_in)
             else:
                 shortcut = x
             x = layers.Add()([y, shortcut])
     x = act()(bn("final_bn")(x))
     x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, x, name=f"wrn{depth}_{width}")
+    tag = f"{width}" if filters == 16 * width else f"f{filters}"
+    return keras.Model(inp, x, name=f"wrn{depth}_{tag}" + (f"_s{scales}" if scales != 3 else ""))
 
 
 BACKBONES = ("small_cnn", "resnet18", "resnet50", "wrn28_2", "wrn28_8")
+# WideResNets by MixMatch-TF's --filters / --scales: wrn28_f135 (135 filters),
+# wrn28_2_s4 (4 scales), wrn28_f32_s4, ...
+_WRN = re.compile(r"^wrn(\d+)_(?:(\d+)|f(\d+))(?:_s(\d+))?$")
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``get_backbone`` knows ``name``: one of BACKBONES or a WideResNet
+    ``wrn<depth>_<width>`` / ``wrn<depth>_f<filters>``, optionally ``_s<scales>``."""
+    return name in BACKBONES or bool(_WRN.match(name))
 
 
 def get_backbone(name: str, input_shape: Sequence[int], norm: str = "batch",
@@ -255,6 +277,11 @@ def get_backbone(name: str, input_shape: Sequence[int], norm: str = "batch",
         return small_cnn(input_shape, norm=norm)
     if name in ("resnet18", "resnet50"):
         return resnet(int(name[6:]), input_shape, cifar_stem=cifar_stem, norm=norm)
-    if name in ("wrn28_2", "wrn28_8"):
-        return wide_resnet(28, int(name[-1]), input_shape, norm=norm)
-    raise ValueError(f"--backbone={name!r} is not one of {BACKBONES}.")
+    m = _WRN.match(name)
+    if m:
+        depth, width, filters, scales = m.groups()
+        return wide_resnet(int(depth), int(width or 2), input_shape, norm=norm,
+                           filters=int(filters) if filters else None,
+                           scales=int(scales or 3))
+    raise ValueError(f"--backbone={name!r} is not one of {BACKBONES} nor wrn<depth>_<width> / "
+                     f"wrn<depth>_f<filters> with an optional _s<scales>.")
