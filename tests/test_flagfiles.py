@@ -217,11 +217,13 @@ OFFICIAL = {
         "method_args.lambda_u": (250.0, f"{MIXM} runs/table6.sh:25 --w_match=250"),
     },
     ("mixmatch_stl10.cfg", "mixmatch"): {
-        **{k: v for k, v in _MIXMATCH.items() if k != "backbone"},  # scales=4: deviation
+        **{k: v for k, v in _MIXMATCH.items() if k != "backbone"},
+        "backbone": ("wrn28_2_s4", f"{MIXM} runs/table2.sh:18 --scales=4"),
         "method_args.lambda_u": (50.0, f"{MIXM} runs/table2.sh:18 --w_match=50"),
     },
     ("mixmatch_cifar100.cfg", "mixmatch"): {
-        **{k: v for k, v in _MIXMATCH.items() if k != "backbone"},  # 135 filters: deviation
+        **{k: v for k, v in _MIXMATCH.items() if k != "backbone"},
+        "backbone": ("wrn28_f135", f"{MIXM} runs/table1.sh:18 --filters=135"),
         "labels_per_class": (100, f"{MIXM} runs/table1.sh:21 cifar100@10000"),
         "method_args.lambda_u": (150.0, f"{MIXM} runs/table1.sh:21 --w_match=150"),
         "method_args.weight_decay": (0.04, f"{MIXM} runs/table1.sh:18 --wd=0.04"),
