@@ -52,7 +52,10 @@ flags.DEFINE_boolean("include_labeled_in_unlabeled", d.include_labeled_in_unlabe
                      "The unlabeled stream includes the labeled images (unset: the method's "
                      "default; MixMatch's official split excludes them, the others include them).")
 flags.DEFINE_integer("seed", d.seed, "Seed of the split, shuffling and initialisation.")
-flags.DEFINE_string("backbone", d.backbone, "auto, small_cnn, resnet18, resnet50, wrn28_2, wrn28_8.")
+flags.DEFINE_string("backbone", d.backbone,
+                    "auto, small_cnn, resnet18, resnet50, or a WideResNet wrn<depth>_<width> "
+                    "(wrn28_2, wrn28_8) / wrn<depth>_f<filters>, optionally _s<scales> "
+                    "(MixMatch-TF's --filters / --scales: wrn28_f135, wrn28_2_s4).")
 flags.DEFINE_enum("norm", d.norm, ["batch", "sync_batch", "ghost_batch", "none"],
                   "Backbone normalisation (ghost_batch: split BN in 8 groups, ASCL's single-device choice).")
 flags.DEFINE_string("optimizer", d.optimizer,
