@@ -8,9 +8,10 @@ Modules:
   tfssl.ops         pure tensor math, XLA-compilable
   tfssl.evaluation  kNN monitor, linear probe
   tfssl.export      serving SavedModels
+  tfssl.optimizers  PyTorch-form SGD / Adam (coupled L2), LARS, schedules
   tfssl.distribute  strategies and cross-replica helpers
 """
 
 __version__ = "0.1.0"
 
-from tfssl import augment, data, distribute, evaluation, export, methods, models  # noqa: E402,F401
+from tfssl import augment, data, distribute, evaluation, export, methods, models, optimizers  # noqa: E402,F401

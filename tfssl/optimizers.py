@@ -240,6 +240,40 @@ class LARS(keras.optimizers.Optimizer):
         return config
 
 
+class _SavedExclusions:
+    """Mixin for Keras's decoupled-decay optimizers: ``exclude`` (variable
+    names that skip the decay) is a constructor argument kept in the config.
+    Keras's own ``exclude_from_weight_decay`` selection is not in its
+    ``get_config``, so a model saved and loaded with ``keras.saving`` would
+    otherwise decay its biases and BN parameters from the first step after the
+    load."""
+
+    def __init__(self, *args, exclude: Iterable[str] = DEFAULT_EXCLUDE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exclude = tuple(exclude)
+        if self.exclude:
+            self.exclude_from_weight_decay(var_names=list(self.exclude))
+
+    def get_config(self):
+        return {**super().get_config(), "exclude": list(self.exclude)}
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class DecoupledSGD(_SavedExclusions, keras.optimizers.SGD):
+    """``keras.optimizers.SGD`` (decoupled decay ``w <- w - lr wd w``) whose
+    ``exclude`` names skip the decay and are saved with the optimizer."""
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class DecoupledAdam(_SavedExclusions, keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` with decoupled decay; ``exclude`` as ``DecoupledSGD``."""
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class AdamW(_SavedExclusions, keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW``; ``exclude`` as ``DecoupledSGD``."""
+
+
 def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0,
                   start_lr: float = 0.0, final_lr: float = 0.0):
     """Linear warm-up from ``start_lr`` to ``peak_lr`` over ``warmup_steps``, then a

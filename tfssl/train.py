@@ -267,8 +267,6 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
     decoupled). Variables named in ``--weight_decay_exclude`` (biases and
     normalisation parameters unless the recipe's official code decays every
     parameter) never decay."""
-    import keras
-
     from tfssl import optimizers
 
     lr = _learning_rate(cfg, steps_per_epoch)
@@ -286,16 +284,15 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
             return optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                   weight_decay=wd, exclude=exclude)
         return optimizers.Adam(lr, weight_decay=wd, exclude=exclude)
+    # Keras's decoupled decay, with the exclusions kept in the optimizer's
+    # config (a model loaded with keras.saving keeps them).
+    exclude = exclude if wd else ()
     if cfg.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=wd or None)
-    elif cfg.optimizer == "adam":
-        opt = keras.optimizers.Adam(lr, weight_decay=wd or None)
-    else:
-        opt = keras.optimizers.AdamW(lr, weight_decay=wd)
-    if wd and exclude:
-        opt.exclude_from_weight_decay(var_names=list(exclude))
-    return opt
+        return optimizers.DecoupledSGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                       weight_decay=wd or None, exclude=exclude)
+    if cfg.optimizer == "adam":
+        return optimizers.DecoupledAdam(lr, weight_decay=wd or None, exclude=exclude)
+    return optimizers.AdamW(lr, weight_decay=wd, exclude=exclude)
 
 
 def build_model(cfg: TrainConfig, source, labeled_ids=None):

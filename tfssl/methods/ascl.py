@@ -17,6 +17,7 @@ from tfssl.ops import memory_bank, targets
 KINDS = ("ascl", "ahcl", "hard", "moco")
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class ASCL(SSLModel):
     """Momentum contrast with soft relabelling (self-supervised: no label enters
     the loss).
@@ -203,6 +204,7 @@ class ASCL(SSLModel):
                 "t1": self.t1, "t2": self.t2, "momentum": self.momentum, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class MoCo(ASCL):
     """MoCo v2: ``ASCL(kind="moco")``, the one-hot target on the positive key."""
 
@@ -211,6 +213,7 @@ class MoCo(ASCL):
         super().__init__(encoder, **kwargs)
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class ASCLBYOL(ASCL):
     """ASCL's negative-free (BYOL) form: no queue of negatives. An online predictor
     ``Dense(512) -> BN -> ReLU -> Dense(128)`` maps the projector's output

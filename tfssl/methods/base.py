@@ -715,11 +715,25 @@ class SSLModel(keras.Model):
 
     @staticmethod
     def unpack(data):
-        """The element dict of a batch (``train_on_batch``/``evaluate`` wrap it
-        as ``(x, y, sample_weight)``)."""
-        if isinstance(data, (tuple, list)):
-            return data[0]
-        return data
+        """The element dict of a batch.
+
+        A dict is returned as it is. Keras hands ``train_on_batch`` /
+        ``evaluate`` / NumPy batches over as ``(x, y, sample_weight)`` tuples:
+        a dict ``x`` is returned as it is, and an image tensor ``x`` with labels
+        ``y`` becomes ``{"image": x, "label": y}`` (what ``test_step`` reads).
+
+        Raises:
+          ValueError: a ``sample_weight`` was given (no method weighs samples).
+        """
+        if not isinstance(data, (tuple, list)):
+            return data
+        x = data[0]
+        y = data[1] if len(data) > 1 else None
+        if len(data) > 2 and data[2] is not None:
+            raise ValueError("tfssl methods do not take sample_weight / class_weight.")
+        if y is None or isinstance(x, dict):
+            return x
+        return {"image": x, "label": y}
 
     def features(self, images, training=False):
         return self.encoder(images, training=training)
@@ -732,16 +746,138 @@ class SSLModel(keras.Model):
         return self.head(h)
 
     def test_step(self, data):
-        """Top-1 accuracy and CE of the classifier on ``{"image", "label"}`` batches."""
+        """Top-1 accuracy and CE of the classifier on ``{"image", "label"}``
+        batches (or ``(images, labels)``)."""
         if self.head is None:
-            return {}
+            raise ValueError(self._no_classifier_message())
         data = self.unpack(data)
+        if not isinstance(data, dict) or "image" not in data or "label" not in data:
+            raise ValueError(
+                f"{type(self).__name__}.evaluate needs labeled images: batches of "
+                "{'image': float [B, H, W, C] in [0, 1], 'label': int [B]}, or "
+                "evaluate(x=images, y=labels).")
         logits = tf.cast(self(data["image"], training=False), tf.float32)
         y = data["label"]
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         self.eval_loss.update_state(loss)
         self.eval_top1.update_state(y, logits)
         return {m.name: m.result() for m in self._eval_trackers}
+
+    # ---------------------------------------------------- Keras conventions
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None,
+                weighted_metrics=None, **kwargs):
+        """``keras.Model.compile`` with the method's own loss: its
+        ``train_step`` is the algorithm, and ``evaluate`` reports the
+        classifier's ``loss`` and ``top1`` (or kNN top-1, see ``evaluate``).
+
+        Raises:
+          ValueError: ``loss``, ``loss_weights``, ``metrics`` or
+            ``weighted_metrics`` were given; the method would ignore them.
+        """
+        given = sorted(k for k, v in dict(loss=loss, loss_weights=loss_weights, metrics=metrics,
+                                          weighted_metrics=weighted_metrics).items()
+                       if v is not None)
+        if given:
+            raise ValueError(
+                f"{type(self).__name__}.compile: {', '.join(given)} would be ignored: a tfssl "
+                "method's loss is its train_step, and evaluate() reports the classifier's loss "
+                "and top1 (or kNN top-1 with evaluate(..., reference=labeled)). Pass only the "
+                "optimizer (and Keras's other compile arguments).")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        """What ``keras.saving.load_model`` calls: compiles with the saved
+        optimizer (and other compile arguments) and builds the optimizer's
+        variables, so that the saved slots load into them."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self._build_optimizer()
+
+    def _no_classifier_message(self) -> str:
+        return (f"{type(self).__name__} has no classifier head to evaluate: pass a labeled "
+                "reference set, model.evaluate(test, reference=labeled) (kNN top-1 of the "
+                "encoder's features; both datasets of {'image', 'label'} batches or (images, "
+                "labels) arrays), or use tfssl.evaluation (knn_accuracy, "
+                "linear_probe_accuracy, snn_accuracy for PAWS).")
+
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
+                 steps=None, callbacks=None, return_dict=False, reference=None, knn_k=200,
+                 knn_t=0.1, **kwargs):
+        """``keras.Model.evaluate``, for every method.
+
+        A method with a classifier head reports its cross-entropy ``loss`` and
+        ``top1`` as Keras does. ``reference`` (labeled images) adds the
+        encoder's weighted kNN top-1 (``knn_top1``, k ``knn_k``, temperature
+        ``knn_t``, cosine similarity; ``tfssl.evaluation.knn_accuracy``), and
+        is what a method without a classifier (ASCL, MoCo, SeLa, PAWS) needs.
+
+        Args:
+          x, y: the test set: a dataset of ``{"image", "label"}`` batches, or
+            images float [N, H, W, C] in [0, 1] with labels int [N].
+          reference: the labeled reference set, in either form.
+          batch_size: for array inputs (default 32).
+          Others: as ``keras.Model.evaluate``.
+        Returns:
+          As ``keras.Model.evaluate``: a scalar or list, or ``{name: value}``
+          with ``return_dict``.
+        Raises:
+          ValueError: no classifier and no ``reference``.
+        """
+        if self.head is None and reference is None:
+            raise ValueError(self._no_classifier_message())
+        results = {}
+        if self.head is not None:
+            results = super().evaluate(x=x, y=y, batch_size=batch_size, verbose=verbose,
+                                       sample_weight=sample_weight, steps=steps,
+                                       callbacks=callbacks, return_dict=True, **kwargs)
+        if reference is not None:
+            from tfssl.evaluation import knn
+
+            test, ref = _labeled_dataset(x, y, batch_size), _labeled_dataset(reference, None,
+                                                                              batch_size)
+            if steps is not None:
+                test = test.take(steps)
+            num_classes = self.num_classes or 1 + int(max(
+                int(tf.reduce_max(b["label"])) for b in ref))
+            with self.ema_applied() if self.evaluate_with_ema else contextlib.nullcontext():
+                results["knn_top1"] = knn.knn_accuracy(self.encoder, ref, test, num_classes,
+                                                       k=knn_k, t=knn_t)
+        if return_dict:
+            return results
+        values = list(results.values())
+        return values[0] if len(values) == 1 else values
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               **kwargs):
+        """``keras.Model.export``: a SavedModel whose ``serve`` endpoint is
+        ``call`` (float images [B, H, W, C] in [0, 1] -> logits [B, C] for
+        methods with a classifier, else features [B, D]) and whose
+        ``features`` endpoint is the encoder's features [B, D], both in
+        inference mode, with the EMA weights when the method evaluates with
+        them. Only the encoder and the classifier are written (no queue,
+        bank or label table). ``tfssl.export.export_model`` writes the uint8,
+        any-size serving models of ``scripts/train.py``.
+
+        Other formats (``onnx``, ``openvino``) go to Keras's export with
+        ``input_signature`` defaulting to the images' signature.
+        """
+        if input_signature is None:
+            input_signature = [tf.TensorSpec((None,) + self.image_shape, tf.float32,
+                                             name="images")]
+        if format != "tf_saved_model":
+            return super().export(filepath, format=format, verbose=verbose,
+                                  input_signature=input_signature, **kwargs)
+        if kwargs:
+            raise ValueError(f"unexpected export arguments for tf_saved_model: {sorted(kwargs)}")
+        archive = keras.export.ExportArchive()
+        archive.track(self.encoder)
+        if self.head is not None:
+            archive.track(self.head)
+        archive.add_endpoint("serve", lambda images: self.call(images, training=False),
+                             input_signature=input_signature)
+        archive.add_endpoint("features", lambda images: self.encoder(images, training=False),
+                             input_signature=input_signature)
+        with self.ema_applied() if self.evaluate_with_ema else contextlib.nullcontext():
+            archive.write_out(filepath, verbose=True if verbose is None else verbose)
 
     # ---------------------------------------------------------------- export
     def classifier_model(self) -> keras.Model:
@@ -762,3 +898,18 @@ class SSLModel(keras.Model):
         config = dict(config)
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         return cls(**config)
+
+
+def _labeled_dataset(x, y=None, batch_size=None) -> tf.data.Dataset:
+    """``{"image", "label"}`` batches from a dataset of them, a ``(images,
+    labels)`` pair, or ``x`` images with ``y`` labels (arrays)."""
+    if isinstance(x, tf.data.Dataset):
+        return x
+    if y is None and isinstance(x, (tuple, list)) and len(x) == 2:
+        x, y = x
+    if y is None:
+        raise ValueError("labeled images are needed: a dataset of {'image', 'label'} batches "
+                         "or (images, labels) arrays.")
+    return tf.data.Dataset.from_tensor_slices(
+        {"image": tf.convert_to_tensor(x, tf.float32),
+         "label": tf.convert_to_tensor(y, tf.int64)}).batch(batch_size or 32)

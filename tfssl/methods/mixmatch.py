@@ -13,6 +13,7 @@ from tfssl.ops import mixmatch as mm
 from tfssl.ops import targets
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class MixMatch(SSLModel):
     """MixMatch: guessed labels for K augmentations, MixUp of labeled and
     unlabeled rows, soft CE on the labeled part and L2 on the unlabeled part.

@@ -37,6 +37,7 @@ def prediction_head(dim: int, name: str = "predictor") -> keras.Model:
     return keras.Model(inp, x, name=name)
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class PAWS(SSLModel):
     """PAWS with multi-crop, sharpened swapped targets and ME-MAX.
 

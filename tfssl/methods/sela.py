@@ -65,6 +65,7 @@ def relabel_times(total_images: float, num_train: int, nopts: int,
     return sorted(float(t) for t in passes * num_train * s)
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class SeLa(SSLModel):
     """Backbone + ``num_heads`` linear heads of ``num_clusters`` clusters.
 

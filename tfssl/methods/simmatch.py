@@ -15,6 +15,7 @@ from tfssl.models import heads
 from tfssl.ops import memory_bank, similarity, targets
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class SimMatch(SSLModel):
     """SimMatch: semantic and instance similarity with a labeled memory bank.
 
@@ -294,6 +295,7 @@ class SimMatch(SSLModel):
         return cfg
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class FixMatch(SimMatch):
     """FixMatch: SimMatch with the instance branch off (``lambda_in = 0``, no
     aggregation, so no bank and no projector), no distribution alignment, and

@@ -10,11 +10,13 @@ import tensorflow as tf
 from tfssl.methods.base import SSLModel
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class Supervised(SSLModel):
     """Cross-entropy on the labeled batch only.
 
     Data: ``{"labeled": {"weak": float [B, H, W, C], "label": int [B], ...}}``
-    (an ``unlabeled`` entry, if present, is ignored).
+    (an ``unlabeled`` entry, if present, is ignored), or Keras's
+    ``fit(x=images, y=labels)`` with images in [0, 1].
 
     Loss: ``L_x = 1/B sum_b H(onehot_eps(y_b), softmax(f(x_b)))`` with label
     smoothing eps.
@@ -37,8 +39,14 @@ class Supervised(SSLModel):
         self.init_ema()
 
     def train_step(self, data):
-        batch = self.unpack(data)["labeled"]
-        x, y = batch["weak"], batch["label"]
+        batch = self.unpack(data)
+        if isinstance(batch, dict) and "labeled" in batch:
+            x, y = batch["labeled"]["weak"], batch["labeled"]["label"]
+        elif isinstance(batch, dict) and {"image", "label"} <= set(batch):
+            x, y = batch["image"], batch["label"]  # fit(x=images, y=labels)
+        else:
+            raise ValueError("Supervised.fit needs labeled images: fit(x=images, y=labels), "
+                             "or batches of {'labeled': {'weak': images, 'label': labels}}.")
         with tf.GradientTape() as tape:
             logits = tf.cast(self(x, training=True), tf.float32)
             targets = tf.one_hot(y, self.num_classes)
