@@ -37,18 +37,42 @@ DEFAULT_EXCLUDE = ("bias", "gamma", "beta")
 WEIGHT_DECAY_FORMS = ("coupled", "decoupled")
 
 
-class _CoupledL2:
+class _SavedExclusions:
+    """Mixin: ``exclude`` (variable names that skip the weight decay, matched
+    in ``variable.name``) is Keras's own ``exclude_from_weight_decay``
+    selection, kept in the optimizer's config. Keras does not put that
+    selection in its ``get_config``, so a model saved and loaded with
+    ``keras.saving`` would otherwise decay its biases and BN parameters from
+    the first step after the load."""
+
+    def _set_exclusions(self, exclude: Iterable[str]) -> None:
+        self.exclude = tuple(exclude)
+        if self.exclude:
+            self.exclude_from_weight_decay(var_names=list(self.exclude))
+
+    def get_config(self):
+        return {**super().get_config(), "exclude": list(self.exclude)}
+
+
+class _DecoupledExclusions(_SavedExclusions):
+    """``_SavedExclusions`` as a constructor argument of Keras's
+    decoupled-decay optimizers."""
+
+    def __init__(self, *args, exclude: Iterable[str] = DEFAULT_EXCLUDE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_exclusions(exclude)
+
+
+class _CoupledL2(_SavedExclusions):
     """Mixin: ``g <- g + wd w`` for each decayed variable, before the wrapped
-    optimizer's update. Which variables decay is Keras's own
-    ``exclude_from_weight_decay`` selection (names matched in ``variable.name``,
-    or variable objects), set to ``exclude`` at construction."""
+    optimizer's update. Which variables decay is ``_SavedExclusions``'s
+    selection, set to ``exclude`` at construction."""
 
     def _init_l2(self, weight_decay: float, exclude: Iterable[str]) -> None:
         if weight_decay is None or weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
         self.l2_weight_decay = float(weight_decay)
-        self.exclude = tuple(exclude)
-        self.exclude_from_weight_decay(var_names=list(self.exclude))
+        self._set_exclusions(exclude)
 
     def uses_weight_decay(self, variable) -> bool:
         """Whether ``variable`` gets the coupled decay (not a bias or BN parameter)."""
@@ -62,7 +86,7 @@ class _CoupledL2:
         return g
 
     def _l2_config(self, config):
-        config.update(weight_decay=self.l2_weight_decay, exclude=list(self.exclude))
+        config.update(weight_decay=self.l2_weight_decay)
         return config
 
 
@@ -240,37 +264,19 @@ class LARS(keras.optimizers.Optimizer):
         return config
 
 
-class _SavedExclusions:
-    """Mixin for Keras's decoupled-decay optimizers: ``exclude`` (variable
-    names that skip the decay) is a constructor argument kept in the config.
-    Keras's own ``exclude_from_weight_decay`` selection is not in its
-    ``get_config``, so a model saved and loaded with ``keras.saving`` would
-    otherwise decay its biases and BN parameters from the first step after the
-    load."""
-
-    def __init__(self, *args, exclude: Iterable[str] = DEFAULT_EXCLUDE, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.exclude = tuple(exclude)
-        if self.exclude:
-            self.exclude_from_weight_decay(var_names=list(self.exclude))
-
-    def get_config(self):
-        return {**super().get_config(), "exclude": list(self.exclude)}
-
-
 @keras.saving.register_keras_serializable(package="tfssl")
-class DecoupledSGD(_SavedExclusions, keras.optimizers.SGD):
+class DecoupledSGD(_DecoupledExclusions, keras.optimizers.SGD):
     """``keras.optimizers.SGD`` (decoupled decay ``w <- w - lr wd w``) whose
     ``exclude`` names skip the decay and are saved with the optimizer."""
 
 
 @keras.saving.register_keras_serializable(package="tfssl")
-class DecoupledAdam(_SavedExclusions, keras.optimizers.Adam):
+class DecoupledAdam(_DecoupledExclusions, keras.optimizers.Adam):
     """``keras.optimizers.Adam`` with decoupled decay; ``exclude`` as ``DecoupledSGD``."""
 
 
 @keras.saving.register_keras_serializable(package="tfssl")
-class AdamW(_SavedExclusions, keras.optimizers.AdamW):
+class AdamW(_DecoupledExclusions, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW``; ``exclude`` as ``DecoupledSGD``."""
 
 
