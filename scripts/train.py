@@ -55,9 +55,14 @@ flags.DEFINE_integer("seed", d.seed, "Seed of the split, shuffling and initialis
 flags.DEFINE_string("backbone", d.backbone,
                     "auto, small_cnn, resnet18, resnet50, or a WideResNet wrn<depth>_<width> "
                     "(wrn28_2, wrn28_8) / wrn<depth>_f<filters>, optionally _s<scales> "
-                    "(MixMatch-TF's --filters / --scales: wrn28_f135, wrn28_2_s4).")
+                    "(MixMatch-TF's --filters / --scales: wrn28_f135, wrn28_2_s4), with _usb or "
+                    "_suncet for that official code's PyTorch WRN (wrn28_2_usb, wrn28_2_suncet).")
 flags.DEFINE_enum("norm", d.norm, ["batch", "sync_batch", "ghost_batch", "none"],
                   "Backbone normalisation (ghost_batch: split BN in 8 groups, ASCL's single-device choice).")
+flags.DEFINE_enum("conv_padding", d.conv_padding, ["auto", "tf", "torch"],
+                  "Padding of strided convolutions: torch (k // 2 on every side, "
+                  "torchvision's ResNets, USB's WRN), tf (TF 'same': 0 before, 1 after), "
+                  "auto: torch for resnet*, tf for the WideResNets (google-research's).")
 flags.DEFINE_string("optimizer", d.optimizer,
                     "sgd, adam, adamw or lars (LARS over SGD momentum; biases and BN excluded).")
 flags.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")

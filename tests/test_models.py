@@ -166,3 +166,143 @@ def test_backbone_names_are_checked():
         with pytest.raises(ValueError):
             models.get_backbone(bad, (32, 32, 3))
     TrainConfig(backbone="wrn28_f135").validate()
+
+
+def _np_conv(x, w, stride, pad_before, pad_after):
+    """NumPy reference: zero-pad ``x`` [B, H, W, C] by (before, after) on each
+    spatial side, then a ``valid`` strided cross-correlation with w [k, k, C, F]."""
+    x = np.pad(x, [(0, 0), (pad_before, pad_after), (pad_before, pad_after), (0, 0)])
+    k = w.shape[0]
+    out_h = (x.shape[1] - k) // stride + 1
+    out_w = (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, w.shape[-1]))
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            out[:, i, j] = np.einsum("bhwc,hwcf->bf", patch, w)
+    return out
+
+
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_strided_conv_padding_torch_pads_every_side_tf_only_after(kernel):
+    """padding="torch" is PyTorch's Conv2d(padding=k // 2): k // 2 zeros on every
+    side of an even input; "tf" is TF's "same": (k - 2) // 2 before, k // 2 after
+    (for stride 2 on an even side). Catches: "torch" built as "same" (the D1
+    deviation of PARITY.md), or pad k // 2 only before."""
+    from tfssl.models import backbones
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 12, 12, 3)).astype("float32")
+    w = rng.normal(size=(kernel, kernel, 3, 4)).astype("float32")
+    refs = {"torch": _np_conv(x, w, 2, kernel // 2, kernel // 2),
+            "tf": _np_conv(x, w, 2, (kernel - 2) // 2, kernel // 2)}
+    for padding, ref in refs.items():
+        inp = keras.Input((12, 12, 3))
+        net = keras.Model(inp, backbones._conv(4, kernel, 2, name="c", padding=padding)(inp))
+        net.get_layer("c").kernel.assign(w)
+        got = net(x).numpy()
+        assert got.shape == ref.shape == (2, 6, 6, 4)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=padding)
+    assert not np.allclose(refs["torch"], refs["tf"], atol=1e-2)
+
+
+def test_resnet_torch_stem_pools_as_torchvision():
+    """The ImageNet stem with padding="torch": 7x7/2 conv padded 3 all round, then
+    MaxPool2d(3, 2, padding=1) (torchvision). Checked on the pool's output
+    against NumPy max pooling of the ReLU output with -inf padding. Catches a
+    pool padded only after (TF "same")."""
+    net = models.resnet(18, (64, 64, 3), cifar_stem=False, norm="none", padding="torch")
+    pool = next(l for l in net.layers if isinstance(l, keras.layers.MaxPooling2D))
+    relu_out = net.get_layer("stem_pool_pad").input
+    probe = keras.Model(net.input, [relu_out, pool.output])
+    x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype("float32")
+    a, got = (t.numpy() for t in probe(x))
+    padded = np.pad(a, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=-np.inf)
+    ref = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                              for j in range(16)], 1) for i in range(16)], 1)
+    assert got.shape == ref.shape == (2, 16, 16, 64)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_default_padding_follows_each_backbones_official_code():
+    """ResNets pad as torchvision (every official ResNet recipe is PyTorch), the
+    WideResNets as google-research's TF networks; ``padding`` overrides. Catches
+    a default of "tf" for the ResNets (D1) or "torch" for the WRNs."""
+    def padded(net):
+        return any(isinstance(l, keras.layers.ZeroPadding2D) for l in net.layers)
+
+    assert padded(models.get_backbone("resnet18", (32, 32, 3)))
+    assert padded(models.get_backbone("resnet50", (64, 64, 3)))
+    assert not padded(models.get_backbone("wrn28_2", (32, 32, 3)))
+    assert padded(models.get_backbone("wrn28_2", (32, 32, 3), padding="torch"))
+    assert not padded(models.get_backbone("resnet18", (32, 32, 3), padding="tf"))
+    with pytest.raises(ValueError, match="padding="):
+        models.get_backbone("resnet18", (32, 32, 3), padding="reflect")
+
+
+def test_wrn_forms_have_the_official_parameter_counts():
+    """Trainable parameters of WRN-28-2 (no classifier), counted on the official
+    PyTorch modules: USB ``wrn_28_2`` 1,466,336, of which 192 belong to the bn1 of
+    the first blocks of stages 2-3 that USB computes and drops (left out here);
+    suncet ``wide_resnet28w2`` 1,468,352 (biases on every conv, no stem BN).
+    Catches: a missing conv bias, a stem BN in suncet's form, the dropped bn1
+    kept, the TF form under another name. benchmarks/parity/backbones.py checks
+    the functions themselves against the official modules (PARITY.md)."""
+    def count(name):
+        net = models.get_backbone(name, (32, 32, 3))
+        return sum(int(np.prod(v.shape)) for v in net.trainable_variables)
+
+    assert count("wrn28_2_usb") == 1466336 - 192
+    assert count("wrn28_2_suncet") == 1468352
+    assert count("wrn28_2") == 1466320
+
+
+def test_wrn_forms_wire_the_first_strided_block_as_their_official_code():
+    """Where the first block of stage 2 takes conv1's input, and where its stride
+    is. tf: conv1 (strided) on the activated input; usb: conv1 (strided) on the
+    RAW input, the previous block's sum (USB's ``conv1(out if equalInOut else
+    x)``); suncet: conv1 at stride 1 on the activated input, conv2 strided.
+    Catches each form built as another."""
+    def conv_input(net, layer):
+        t = net.get_layer(layer).input
+        pad = next((l for l in net.layers if l.name == f"{layer}_pad"), None)
+        return pad.input if pad is not None else t
+
+    def source_layer(net, tensor):
+        return next(l for l in net.layers if l.output is tensor)
+
+    tf_net = models.get_backbone("wrn28_2", (32, 32, 3))
+    usb = models.get_backbone("wrn28_2_usb", (32, 32, 3))
+    suncet = models.get_backbone("wrn28_2_suncet", (32, 32, 3))
+    assert isinstance(source_layer(tf_net, conv_input(tf_net, "stage2_block0_conv1")),
+                      keras.layers.LeakyReLU)
+    assert isinstance(source_layer(usb, conv_input(usb, "stage2_block0_conv1")), keras.layers.Add)
+    assert isinstance(source_layer(suncet, conv_input(suncet, "stage2_block0_conv1")),
+                      keras.layers.ReLU)
+    side = lambda net, name: net.get_layer(name).output.shape[1]
+    assert side(tf_net, "stage2_block0_conv1") == side(usb, "stage2_block0_conv1") == 16
+    assert side(suncet, "stage2_block0_conv1") == 32
+    assert side(suncet, "stage2_block0_conv2") == 16
+    assert not any(isinstance(l, keras.layers.LeakyReLU) for l in suncet.layers)
+    # the PyTorch forms pad their strided convs as PyTorch (D1)
+    assert [l.name for l in usb.layers if isinstance(l, keras.layers.ZeroPadding2D)] == [
+        "stage2_block0_conv1_pad", "stage3_block0_conv1_pad"]
+    assert [l.name for l in suncet.layers if isinstance(l, keras.layers.ZeroPadding2D)] == [
+        "stage2_block0_conv2_pad", "stage3_block0_conv2_pad"]
+
+
+def test_wrn_forms_bn_settings():
+    """BN epsilon and momentum (Keras convention, 1 - PyTorch's): tf 1e-3 / 0.999;
+    usb 1e-5 in the blocks, 1e-3 final, 0.999; suncet 1e-5, 0.9 in the blocks
+    and 0.01 final (``nn.BatchNorm2d(momentum=0.99)``). Catches a form with
+    another form's BN."""
+    def bns(name):
+        net = models.get_backbone(name, (32, 32, 3))
+        return {l.name: (l.epsilon, l.momentum) for l in net.layers
+                if isinstance(l, keras.layers.BatchNormalization)}
+
+    assert set(bns("wrn28_2").values()) == {(1e-3, 0.999)}
+    usb = bns("wrn28_2_usb")
+    assert usb.pop("final_bn") == (1e-3, 0.999) and set(usb.values()) == {(1e-5, 0.999)}
+    suncet = bns("wrn28_2_suncet")
+    assert suncet.pop("final_bn") == (1e-5, 0.01) and set(suncet.values()) == {(1e-5, 0.9)}

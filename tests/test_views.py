@@ -117,3 +117,22 @@ def test_solarize_threshold_is_uniform_over_the_range():
     outs = _draws(view, img, 120)
     inverted = np.mean(np.abs(outs[:, 0, 0, 0] - 0.3) < 0.01)
     assert 0.5 < inverted < 0.88, inverted
+
+
+def test_sela_view_jitters_hue_as_the_official_code():
+    """self-label's train view: ``ColorJitter(0.4, 0.4, 0.4, 0.4)`` (``cifar.py:146``,
+    ``data.py:60``), so the hue of a coloured image moves by up to 0.4 of a turn.
+    On a flat reddish image (hue 0; brightness, contrast and saturation keep the
+    hue) the largest shift over 80 draws is well above 0.2 and at most 0.4.
+    Mutant: the SimCLR hue 0.1 (the old view; every shift <= 0.1)."""
+    from tfssl.methods import SeLa
+
+    tf.random.set_seed(2)
+    _, unlabeled = SeLa.views(dict(size=8, channels=3, flip=True), crop_min_scale=0.2)
+    img = tf.constant(np.tile(np.array([153, 77, 77], np.uint8), (8, 8, 1)))
+    outs = _draws(unlabeled["view"], img, 80)
+    hsv = tf.image.rgb_to_hsv(outs[:, 4, 4]).numpy()
+    coloured = hsv[hsv[:, 1] > 0.05]  # grayscale (p 0.2) has no hue
+    shift = np.minimum(coloured[:, 0], 1.0 - coloured[:, 0])
+    assert len(coloured) > 40
+    assert 0.2 < shift.max() <= 0.4 + 1e-3, shift.max()

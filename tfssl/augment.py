@@ -251,13 +251,15 @@ def gaussian_blur(x: tf.Tensor, sigma, max_sigma: float = 2.0) -> tf.Tensor:
 
 def simclr_colour(channels: int = 3, strength: float = 1.0, jitter_p: float = 0.8,
                   grayscale_p: float = 0.2, blur_p: float = 0.5,
-                  solarize_p: float = 0.0, equalize_p: float = 0.0) -> View:
+                  solarize_p: float = 0.0, equalize_p: float = 0.0,
+                  hue: Optional[float] = None) -> View:
     """SimCLR colour distortion on a float [0, 1] image: ``color_jitter`` (0.8s,
     0.8s, 0.8s, 0.2s) with p=0.8, grayscale (luma) p=0.2, Gaussian blur (sigma
     ~ U(0.1, 2) px) with p=``blur_p``, then solarize (threshold uniform in [0, 1))
-    and histogram equalisation, each with its probability."""
+    and histogram equalisation, each with its probability. ``hue``, when given,
+    replaces the jitter's 0.2s hue (SeLa's official jitter is (0.4, 0.4, 0.4, 0.4))."""
     s = strength
-    jitter = color_jitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+    jitter = color_jitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s if hue is None else hue)
     # PIL's solarize at a threshold drawn uniformly from [0, 256) (PAWS's Solarize).
     solar = keras.layers.Solarization(threshold_factor=(0.0, 1.0), value_range=(0, 1))
     equalize = keras.layers.Equalization(value_range=(0, 1))

@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     backbone: str = "auto"
     norm: str = "batch"
+    conv_padding: str = "auto"  # tf | torch; auto: the backbone's official code's
     optimizer: str = "sgd"
     learning_rate: float = 0.03
     momentum: float = 0.9
@@ -90,7 +91,7 @@ class TrainConfig:
         Runs before any data is read or any TensorFlow device is touched."""
         from tfssl import distribute, methods
         from tfssl.data.sources import TFDS_SPECS
-        from tfssl.models.backbones import BACKBONES, NORMS, is_backbone
+        from tfssl.models.backbones import BACKBONES, NORMS, PADDINGS, is_backbone
 
         methods.get(self.method)
         if self.dataset == "folder" and not self.data_dir:
@@ -124,9 +125,13 @@ class TrainConfig:
             raise ConfigError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
         if self.backbone != "auto" and not is_backbone(self.backbone):
             raise ConfigError(f"--backbone={self.backbone!r} is not one of {('auto',) + BACKBONES} "
-                              f"nor wrn<depth>_<width> / wrn<depth>_f<filters>[_s<scales>].")
+                              f"nor wrn<depth>_<width> / wrn<depth>_f<filters>[_s<scales>]"
+                              f"[_usb|_suncet].")
         if self.norm not in NORMS:
             raise ConfigError(f"--norm={self.norm!r} is not one of {NORMS}.")
+        if self.conv_padding not in ("auto",) + PADDINGS:
+            raise ConfigError(f"--conv_padding={self.conv_padding!r} is not one of "
+                              f"{('auto',) + PADDINGS}.")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -303,7 +308,8 @@ def build_model(cfg: TrainConfig, source, labeled_ids=None):
     from tfssl import methods, models
 
     backbone_name = cfg.backbone if cfg.backbone != "auto" else auto_backbone(source.image_shape)
-    backbone = models.get_backbone(backbone_name, source.image_shape, norm=cfg.norm)
+    backbone = models.get_backbone(backbone_name, source.image_shape, norm=cfg.norm,
+                                   padding=cfg.conv_padding)
     encoder = models.encoder(backbone, source.mean, source.std)
     kwargs = dict(cfg.method_args)
     if cfg.ema_decay is not None:
@@ -521,6 +527,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     import keras
 
     from tfssl import data, distribute, evaluation, export
+    from tfssl.models.backbones import default_padding
 
     replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
@@ -640,6 +647,8 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
         "flags": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "optimizer": optimizer_summary(cfg),
         "backbone": backbone_name,
+        "conv_padding": (default_padding(backbone_name) if cfg.conv_padding == "auto"
+                         else cfg.conv_padding),
         "replicas": replicas,
     }
     with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
@@ -661,6 +670,8 @@ def export_run(workdir: str, export_dir: Optional[str] = None) -> Dict[str, str]
                              "is it a finished tfssl run?")
     with open(path) as f:
         flags_ = json.load(f)["flags"]
+    # Runs from before --conv_padding existed were built with TF "same" padding.
+    flags_.setdefault("conv_padding", "tf")
     cfg = TrainConfig(**{k: v for k, v in flags_.items()
                          if k in {f.name for f in dataclasses.fields(TrainConfig)}})
     source = data.get_source(cfg.dataset, cfg.data_dir, cfg.manual_dir, cfg.image_size)

@@ -18,7 +18,8 @@ Compares, kind by kind:
      backbones.resnet(18, cifar_stem) with norm=ghost_batch), weights copied from
      torch: loss, per-layer grad norms, weights, BN statistics of the online and
      key encoders, key-encoder parameters, queue. Variants: torch's symmetric
-     stride-2 padding (official, as is) and torch patched to TF "same" padding;
+     stride-2 padding (official, as is; ours with padding="torch", tfssl's default
+     for ResNets) and torch patched to TF "same" padding (ours padding="tf");
      tfpad_wd / tfpad64_wd: weight decay 5e-4 (official coupled, every parameter)
      against ours with tfssl.optimizers.SGD coupled, nothing excluded (the recipe's
      --weight_decay_form=coupled --weight_decay_exclude=), and tfpad_wd against
@@ -234,7 +235,9 @@ def ours_backbone(off, rep):
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        bb = backbones.resnet(18, (32, 32, 3), cifar_stem=True, norm="ghost_batch")
+        # the official half of (3b) is patched to TF padding
+        bb = backbones.resnet(18, (32, 32, 3), cifar_stem=True, norm="ghost_batch",
+                              padding="tf")
     finally:
         keras.config.set_floatx("float32")
         keras.config.set_dtype_policy("float32")
@@ -365,7 +368,7 @@ def ours_targets(off, kind, nn_num, rep, byol=False):
     return seen
 
 
-def _build_ours(kind, byol=False, wd=0.0, wd_form="coupled"):
+def _build_ours(kind, byol=False, wd=0.0, wd_form="coupled", padding="torch"):
     """``wd`` > 0: ``wd_form`` "coupled" is tfssl.optimizers.SGD with no variable
     excluded (what flags/ascl_cifar10.cfg builds: --weight_decay_form=coupled
     --weight_decay_exclude=, as the official SGD(model.parameters(), wd)); "decoupled"
@@ -374,7 +377,8 @@ def _build_ours(kind, byol=False, wd=0.0, wd_form="coupled"):
     from tfssl import optimizers as tfssl_opt
     from tfssl.methods import ascl as ascl_mod
     from tfssl.models import backbones
-    bb = backbones.resnet(18, (32, 32, 3), cifar_stem=True, norm="ghost_batch")
+    bb = backbones.resnet(18, (32, 32, 3), cifar_stem=True, norm="ghost_batch",
+                          padding=padding)
     cls = ascl_mod.ASCLBYOL if byol else ascl_mod.ASCL
     model = cls(bb, queue_size=QSIZE, kind=kind, num_neighbours=1, proj_dims=(2048, 128),
                 t1=T1, t2=T2, momentum=M)
@@ -417,7 +421,11 @@ def ours_step(off, tag, kind, rep, byol=False, wd=0.0, steps=2, f64=False, label
     keras.config.set_floatx("float64" if f64 else "float32")
     keras.config.set_dtype_policy("float64" if f64 else "float32")
     try:
-        model = _build_ours(kind, byol, wd, wd_form)
+        # ours pads as the official half of this variant: "torchpad" is the official
+        # network as is (tfssl's default for ResNets since D1 was fixed), the rest
+        # are patched to TF "same" padding
+        model = _build_ours(kind, byol, wd, wd_form,
+                            padding="torch" if tag.startswith("torchpad") else "tf")
     finally:
         keras.config.set_floatx("float32")
         keras.config.set_dtype_policy("float32")
