@@ -39,6 +39,25 @@ SUNCET = "facebookresearch/suncet@731547d configs/paws"
 MIXM = "google-research/mixmatch@1011a1d"
 SIMM = "KyleZheng1997/simmatch@93a7b24"
 SELA = "yukimasano/self-label@3891e37"
+MOCO = "facebookresearch/moco@64444f4 main_moco.py"
+ASCL_IN = "MrChenFeng/Adaptive-Soft-Contrastive-Learning_ICPR2022@6de9b3d ImageNet-1K/builder.py"
+_MOCO_V2 = {  # MoCo v2's ImageNet run (README: --mlp --moco-t 0.2 --aug-plus --cos)
+    "optimizer": ("sgd", f"{MOCO}:286"),
+    "learning_rate": (0.03, f"{MOCO} --lr default 0.03"),
+    "momentum": (0.9, f"{MOCO} --momentum default 0.9"),
+    "nesterov": (False, f"{MOCO}:286 (no nesterov argument)"),
+    "weight_decay": (1e-4, f"{MOCO} --wd default 1e-4"),
+    "weight_decay_form": ("coupled", f"{MOCO}:286 torch SGD weight_decay"),
+    "weight_decay_exclude": ((), f"{MOCO}:286 SGD(model.parameters())"),
+    "lr_schedule": ("cosine", f"{MOCO}:486-487 --cos"),
+    "warmup_epochs": (0, f"{MOCO}:483-492 (no warm-up)"),
+    "epochs": (200, f"{MOCO} --epochs default 200"),
+    "unlabeled_batch_size": (256, f"{MOCO} --batch-size default 256"),
+    "backbone": ("resnet50", f"{MOCO} --arch resnet50"),
+    "method_args.queue_size": (65536, f"{MOCO} --moco-k default 65536"),
+    "method_args.momentum": (0.999, f"{MOCO} --moco-m default 0.999"),
+    "method_args.key_view": ("strong", f"{MOCO} TwoCropsTransform of aug-plus"),
+}
 USB_SCHED = f"{USB} semilearn/core/utils/build.py:217-238 cos(pi 7/16 k / K)"
 _KEEP = ("bias", "gamma", "beta")  # biases and BN parameters never decay
 _CIFAR_SGD = {  # USB's CIFAR SGD, SimMatch and FixMatch alike
@@ -111,6 +130,19 @@ OFFICIAL = {
         "method_args.t1": (0.1, f"{ASCL}:42"),
         "method_args.t2": (0.05, f"{ASCL}:43"),
         "method_args.kind": ("ascl", f"{ASCL}:47"),
+    },
+    ("moco_imagenet.cfg", "moco"): {
+        **_MOCO_V2,
+        "method_args.t1": (0.2, f"{MOCO} README: --moco-t 0.2"),
+    },
+    ("ascl_imagenet.cfg", "ascl"): {
+        **_MOCO_V2,
+        "method_args.queue_size": (65536, f"{ASCL_IN}:14 K=65536"),
+        "method_args.momentum": (0.999, f"{ASCL_IN}:14 m=0.999"),
+        "method_args.t1": (0.1, f"{ASCL_IN}:14 T1=0.1"),
+        "method_args.t2": (0.05, f"{ASCL_IN}:14 T2=0.05"),
+        "method_args.num_neighbours": (1, f"{ASCL_IN}:24 nn_num = 1"),
+        "method_args.kind": ("ascl", f"{ASCL_IN}:161 delta-weighted pseudo labels"),
     },
     ("ascl_cifar10.cfg", "moco"): {
         "nesterov": (False, f"{ASCL}:59"),

@@ -102,8 +102,8 @@ RECIPES = [
     Recipe("mixmatch_stl10.cfg", "mixmatch"),
     Recipe("imagenet.cfg", "supervised"),
     Recipe("sela_imagenet.cfg", "sela"),
-    Recipe("imagenet.cfg", "ascl", ("--norm=sync_batch", "--learning_rate=0.03")),
-    Recipe("imagenet.cfg", "moco", ("--norm=sync_batch", "--learning_rate=0.03")),
+    Recipe("ascl_imagenet.cfg", "ascl"),
+    Recipe("moco_imagenet.cfg", "moco"),
     Recipe("simmatch_imagenet.cfg", "simmatch"),
     Recipe("paws_imagenet.cfg", "paws"),
 ]
