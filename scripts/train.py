@@ -127,8 +127,9 @@ METHOD_FLAGS = {
                  "bank_momentum", "teacher", "teacher_momentum", "proj_dims"],
     "fixmatch": ["threshold", "lambda_u", "teacher", "teacher_momentum"],
     "ascl": ["queue_size", "kind", "num_neighbours", "proj_dims", "t1", "t2", "momentum",
-             "crop_min_scale", "key_view"],
-    "moco": ["queue_size", "proj_dims", "t1", "momentum", "crop_min_scale", "key_view"],
+             "crop_min_scale", "key_view", "blur_p"],
+    "moco": ["queue_size", "proj_dims", "t1", "momentum", "crop_min_scale", "key_view",
+             "blur_p"],
     "ascl_byol": ["kind", "num_neighbours", "proj_dims", "pred_hidden", "t2", "momentum",
                   "crop_min_scale"],
     "paws": ["classes_per_batch", "imgs_per_class", "unique_classes", "replacement",
@@ -188,6 +189,10 @@ flags.DEFINE_enum("ascl_key_view", "weak", ["weak", "strong"],
                   "ASCL: key view, weak (crop + flip, official) or strong (the query's recipe).")
 flags.DEFINE_enum("moco_key_view", "weak", ["weak", "strong"],
                   "MoCo v2: key view, weak (as ASCL's official code) or strong (MoCo v2's).")
+flags.DEFINE_float("ascl_blur_p", 0.5, "ASCL: probability of the query's Gaussian blur (sigma "
+                   "0.1-2 px, official 0.5; 0 on the 8x8 digits).")
+flags.DEFINE_float("moco_blur_p", 0.5, "MoCo v2: probability of the views' Gaussian blur "
+                   "(official 0.5).")
 flags.DEFINE_float("ascl_byol_crop_min_scale", 0.2, "ASCL-BYOL: smallest crop of the query view.")
 flags.DEFINE_integer("moco_queue_size", 4096, "MoCo v2: queue of keys.")
 flags.DEFINE_list("moco_proj_dims", ["2048", "128"], "MoCo v2: projector widths.")

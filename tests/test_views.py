@@ -136,3 +136,20 @@ def test_sela_view_jitters_hue_as_the_official_code():
     shift = np.minimum(coloured[:, 0], 1.0 - coloured[:, 0])
     assert len(coloured) > 40
     assert 0.2 < shift.max() <= 0.4 + 1e-3, shift.max()
+
+
+@pytest.mark.parametrize("blur_p", [None, 0.0])
+def test_ascl_blur_probability_reaches_both_views(blur_p, monkeypatch):
+    """ASCL's strong view blurs with p 0.5 (ASCL ``dataloader.py:242``) unless
+    ``blur_p`` says otherwise (the 8x8 digits recipe sets 0): the value reaches
+    the SimCLR colour step of the query and of a strong key. Mutant: blur_p
+    dropped between ``ASCL.views`` and ``augment.moco_v2`` (always 0.5)."""
+    seen = []
+    real = augment.simclr
+    monkeypatch.setattr(augment, "simclr",
+                        lambda *a, **k: seen.append(k.get("blur_p")) or real(*a, **k))
+    kwargs = {} if blur_p is None else {"blur_p": blur_p}
+    ASCL.views(dict(size=8, channels=1, flip=True), key_view="strong", **kwargs)
+    assert seen == [0.5 if blur_p is None else blur_p] * 2
+    with pytest.raises(ValueError, match="blur_p"):
+        ASCL.views(dict(size=8, channels=1, flip=True), blur_p=1.5)

@@ -301,13 +301,14 @@ def simclr(size: int, channels: int = 3, scale: Sequence[float] = (0.2, 1.0),
 
 
 def moco_v2(size: int, channels: int = 3, scale: Sequence[float] = (0.2, 1.0),
-            flip: bool = True) -> View:
+            flip: bool = True, blur_p: float = 0.5) -> View:
     """MoCo v2's augmentation (SimMatch's ImageNet strong view, ASCL's query):
     random-resized crop of area ``scale``, flip, colour jitter
     (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur
-    (sigma in [0.1, 2]) with p=0.5."""
+    (sigma in [0.1, 2] pixels, whatever the image size, as the official codes)
+    with p=``blur_p`` (0.5)."""
     return simclr(size, channels, scale, flip, strength=0.5, jitter_p=0.8, grayscale_p=0.2,
-                  blur_p=0.5)
+                  blur_p=blur_p)
 
 
 def multicrop(global_size: int, local_size: int, num_global: int = 2, num_local: int = 6,

@@ -87,28 +87,36 @@ class ASCL(SSLModel):
 
     # ------------------------------------------------------------- plumbing
     @classmethod
-    def views(cls, opts: Dict, crop_min_scale: float = 0.2, key_view: str = "weak", **unused):
+    def views(cls, opts: Dict, crop_min_scale: float = 0.2, key_view: str = "weak",
+              blur_p: float = 0.5, **unused):
         """Unlabeled ``query`` (strong: random-resized crop (crop_min_scale=0.2, 1),
-        flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, blur p=0.5)
-        and ``key``: weak (the official ``get_weak_augment``: random-resized
-        crop (crop_min_scale, 1) + flip) or, with ``key_view="strong"``, a
-        second independent draw of the query's recipe (MoCo v2's symmetric
-        views). The labeled stream is not used: ASCL is self-supervised."""
+        flip, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2, Gaussian
+        blur of sigma in [0.1, 2] px with p=``blur_p``, 0.5 as the official
+        ``get_strong_augment``) and ``key``: weak (the official
+        ``get_weak_augment``: random-resized crop (crop_min_scale, 1) + flip)
+        or, with ``key_view="strong"``, a second independent draw of the
+        query's recipe (MoCo v2's symmetric views). The labeled stream is not
+        used: ASCL is self-supervised."""
         if not 0 < crop_min_scale <= 1:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}.")
+        if not 0 <= blur_p <= 1:
+            raise ValueError(f"blur_p must be in [0, 1], got {blur_p}.")
         if key_view not in ("weak", "strong"):
             raise ValueError(f"key_view must be 'weak' or 'strong', got {key_view!r}.")
         size, channels, flip = opts["size"], opts["channels"], opts.get("flip", True)
 
         def strong():
-            return augment.moco_v2(size, channels, scale=(crop_min_scale, 1.0), flip=flip)
+            return augment.moco_v2(size, channels, scale=(crop_min_scale, 1.0), flip=flip,
+                                   blur_p=blur_p)
         key = strong() if key_view == "strong" else augment.weak(
             size, channels, flip=flip, resized_crop_scale=(crop_min_scale, 1.0))
         return {"weak": augment.weak(**opts)}, {"query": strong(), "key": key}
 
     @classmethod
-    def from_args(cls, encoder, source, crop_min_scale=None, key_view=None, **kwargs):
-        """``crop_min_scale`` and ``key_view`` only shape the views (see ``views``)."""
+    def from_args(cls, encoder, source, crop_min_scale=None, key_view=None, blur_p=None,
+                  **kwargs):
+        """``crop_min_scale``, ``key_view`` and ``blur_p`` only shape the views
+        (see ``views``)."""
         if "proj_dims" in kwargs:
             kwargs["proj_dims"] = tuple(int(d) for d in kwargs["proj_dims"])
         return cls(encoder=encoder, **kwargs)
