@@ -148,7 +148,7 @@ def accuracy(extra):
         workdir = os.path.join(F.workroot, f"{F.method}_{os.path.basename(F.flagfile_to_run)}_s{seed}")
         cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
                f"--flagfile={F.flagfile_to_run}", f"--method={F.method}", f"--seed={seed}",
-               f"--workdir={workdir}", "--export_dir=", *extra]
+               f"--workdir={workdir}", "--export_dir=", "--overwrite", *extra]
         print("$", " ".join(cmd), flush=True)
         runs.append((workdir, subprocess.Popen(cmd, cwd=ROOT)))
         if not F.parallel_seeds:

@@ -114,6 +114,10 @@ flags.DEFINE_string("export_dir", d.export_dir, "Export root ('' to skip export)
 flags.DEFINE_list("profile_batches", [],
                   "Trace training batches first,last (counted from the start of the run) with "
                   "the TensorFlow profiler (TensorBoard's Profile tab, <workdir>/tensorboard/train).")
+flags.DEFINE_boolean("overwrite", d.overwrite,
+                     "Train again when --workdir holds a finished run (its summary.json): its "
+                     "summary, logs and final weights are replaced. Without it such a rerun says "
+                     "so and exits 0.")
 flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"],
                   "Keras verbosity: 1 progress bar, 2 one line per epoch, auto: 1 on a terminal.")
 
@@ -272,13 +276,16 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     cfg = config_from_flags()
-    from tfssl.train import run
+    from tfssl.train import AlreadyFinished, NonFiniteLoss, run
 
     try:
         summary = run(cfg)
+    except AlreadyFinished as e:
+        print(e)
+        return
     except ConfigError as e:  # found before training: a message, not a traceback
         sys.exit(f"error: {e}")
-    except WorkerLost as e:
+    except (WorkerLost, NonFiniteLoss) as e:
         sys.exit(f"error: {e}")
     print(f"summary: {os.path.join(cfg.workdir, 'summary.json')}")
     print({k: summary[k] for k in ("method", "dataset", "num_labeled", "metrics", "export")})

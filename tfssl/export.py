@@ -10,7 +10,9 @@ The SavedModels load with ``tf.saved_model.load`` without tfssl installed.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 from typing import Dict
 
 import keras
@@ -23,13 +25,25 @@ def _preprocess(images, size):
 
 
 def _write(models, fn, channels, path):
+    """Writes the SavedModel to a temporary sibling of ``path``, then renames
+    it into place: a reader sees the previous export (or none, between the two
+    renames), never a half-written one, and a kill leaves at most a
+    ``.tmp-*`` folder that the next export replaces."""
     archive = keras.export.ExportArchive()
     for m in models:
         archive.track(m)
     archive.add_endpoint(
         name="serving_default", fn=fn,
         input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
-    archive.write_out(path, verbose=False)
+    path = os.path.normpath(path)
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    for stale in glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed export
+    archive.write_out(tmp, verbose=False)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

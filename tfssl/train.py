@@ -35,6 +35,22 @@ class WorkerLost(RuntimeError):
     unreachable; rerunning every worker resumes from the last backup."""
 
 
+class AlreadyFinished(Exception):
+    """``workdir`` holds a finished run (its ``summary.json``) and
+    ``overwrite`` is off: nothing was trained; the message says where the
+    summary is."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite: training stopped in that step, nothing
+    was exported, and the last epoch's backup was kept for a rerun."""
+
+
+def _stage(name: str) -> None:
+    """Marks a point of the run's end (``"final_evaluation"``, ``"export"``);
+    a no-op that tests replace to stop a run there, as a kill would."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One field per ``scripts/train.py`` flag (same names, same meaning)."""
@@ -84,6 +100,7 @@ class TrainConfig:
     export_dir: Optional[str] = "saved_models"
     verbose: Any = "auto"  # 1 progress bar, 2 a line per epoch; auto: 1 on a terminal
     profile_batches: Sequence[int] = ()  # (first, last) training batch of the run to trace
+    overwrite: bool = False  # a finished run in workdir: train it again (else say so and stop)
     method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
@@ -361,10 +378,33 @@ def run(cfg: TrainConfig, callbacks=()) -> Dict[str, Any]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+RUN_OUTPUTS = ("summary.json", "log.csv", FINAL_WEIGHTS, "tensorboard", BACKUP_DIR)
+
+
+def _finished_run(cfg: TrainConfig) -> None:
+    """A run is finished when its ``summary.json`` is written and its backup is
+    gone (the backup lives until the final evaluation and export succeed).
+    Raises AlreadyFinished, or with ``overwrite`` clears the old run's outputs."""
+    summary = os.path.join(cfg.workdir, "summary.json")
+    if not os.path.isfile(summary) or os.path.exists(os.path.join(cfg.workdir, BACKUP_DIR)):
+        return
+    if not cfg.overwrite:
+        raise AlreadyFinished(
+            f"--workdir={cfg.workdir!r} holds a finished run ({summary}); nothing to do. "
+            "Pass --overwrite to train it again, or give another --workdir.")
+    for name in RUN_OUTPUTS:
+        path = os.path.join(cfg.workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
 def _prepare(cfg: TrainConfig):
     """Everything that can reject the configuration: flags, strategy, data,
     split, batch divisibility. Writes ``labeled_ids.json`` when all is well."""
     cfg.validate()
+    _finished_run(cfg)
     from tfssl import distribute
 
     distribute.configure_cpu_devices(cfg.num_cpu_devices)
@@ -432,6 +472,40 @@ class _EpochSeconds:
                     logs["epoch_seconds"] = time.perf_counter() - self.start
 
         return EpochSeconds()
+
+
+class _StopOnNonFiniteLoss:
+    """Raises NonFiniteLoss at the end of the first step (or execution, with
+    ``steps_per_execution``) whose logged losses are not all finite: unlike
+    Keras's TerminateOnNaN, which ends ``fit`` normally (and the run would then
+    evaluate and export NaN weights), the run stops with an error, nothing is
+    exported, and the backup of the last completed epoch stays for a rerun."""
+
+    def __new__(cls, backup_dir: str):
+        import keras
+
+        class StopOnNonFiniteLoss(keras.callbacks.Callback):
+            epoch = 0
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+
+            def on_train_batch_end(self, batch, logs=None):
+                bad = {k: float(np.asarray(v)) for k, v in (logs or {}).items()
+                       if "loss" in k and not np.all(np.isfinite(np.asarray(v, np.float64)))}
+                if not bad:
+                    return
+                key, value = next(iter(bad.items()))
+                step = int(self.model.optimizer.iterations.numpy())
+                kept = (f"the backup of epoch {self.epoch} in {backup_dir!r} is kept: rerun "
+                        "with a lower --learning_rate (same --workdir) to resume from it"
+                        if self.epoch else "no epoch had completed, so a rerun starts over")
+                raise NonFiniteLoss(
+                    f"the loss {key} became {value} in epoch {self.epoch + 1}, step {batch + 1} "
+                    f"(optimizer step {step}); training stopped there and nothing was exported; "
+                    f"{kept}.")
+
+        return StopOnNonFiniteLoss()
 
 
 class _SameResumePoint:
@@ -580,8 +654,13 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                                                   cfg.eval_every, use_ema=use_ema)]
                    if not has_head else []),
                  *model.training_callbacks(ctx),
+                 _StopOnNonFiniteLoss(os.path.join(cfg.workdir, BACKUP_DIR)),
+                 # The backup outlives fit: it is removed once the final
+                 # evaluation and the export have succeeded (a kill in either
+                 # resumes there, without training again).
                  keras.callbacks.BackupAndRestore(os.path.join(cfg.workdir, BACKUP_DIR),
-                                                  double_checkpoint=True),
+                                                  double_checkpoint=True,
+                                                  delete_checkpoint=False),
                  *([_SameResumePoint()] if multi_worker else []),
                  # Only the chief traces --profile_batches: the other workers'
                  # logs are discarded, and stopping the profiler on a second
@@ -612,12 +691,12 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
     final = os.path.join(cfg.workdir, FINAL_WEIGHTS)
     metrics: Dict[str, float] = {}
     export_paths = {}
-    # (BackupAndRestore removed its backup when training ended.)
     with _peer_loss(multi_worker, "Training had finished; the peer was lost in the final "
-                    f"evaluation or export. The trained weights are in {final!r} if the chief "
-                    "saved them; rerunning every worker with the same flags trains again from "
-                    "the start."):
+                    f"evaluation or export. Rerunning every worker with the same flags resumes "
+                    f"there from the backup in --workdir={cfg.workdir!r}, without training "
+                    "again."):
         model.save_weights(final)
+        _stage("final_evaluation")
         with (model.ema_applied() if use_ema else contextlib.nullcontext()):
             if has_head:
                 metrics["test_top1"] = float(
@@ -628,6 +707,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                 metrics["linear_probe_top1"] = evaluation.linear_probe_accuracy(
                     model.encoder, bank_ds, test_ds, source.num_classes, seed=cfg.seed)
             metrics.update(model.final_evaluation(ctx))
+        _stage("export")
         if cfg.export_dir:
             export_paths = export.export_model(model, os.path.join(cfg.export_dir, cfg.run_name),
                                                use_ema=use_ema, labeled=bank_ds)
@@ -643,7 +723,7 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
         "images_per_second": (run_steps * (cfg.batch_size + b_u) / train_seconds
                               if train_seconds > 0 and run_steps else 0.0),
         "export": export_paths,
-        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "history": _history(history, cfg.workdir),
         "flags": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "optimizer": optimizer_summary(cfg),
         "backbone": backbone_name,
@@ -651,10 +731,35 @@ def _train(cfg, callbacks, strategy, source, labeled_ids, labeled_views, unlabel
                          else cfg.conv_padding),
         "replicas": replicas,
     }
-    with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+    path = os.path.join(cfg.workdir, "summary.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+    # Done: the summary marks the run finished, and the backup can go.
+    shutil.rmtree(os.path.join(cfg.workdir, BACKUP_DIR), ignore_errors=True)
     return summary
 
+
+def _history(history, workdir: str) -> Dict[str, list]:
+    """Per-epoch logs of the whole run: this ``fit``'s history, or, when the
+    run was resumed (``fit`` saw fewer epochs than ``log.csv`` holds), the
+    log's rows (empty cells, such as epochs without an evaluation, as None)."""
+    import csv
+
+    fit = {k: [float(x) for x in v] for k, v in history.history.items()}
+    path = os.path.join(workdir, "log.csv")
+    if not os.path.isfile(path):
+        return fit
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) <= max((len(v) for v in fit.values()), default=0):
+        return fit
+    keys = [k for k in rows[0] if k != "epoch"]
+    try:
+        return {k: [float(r[k]) if r.get(k) not in ("", None) else None for r in rows]
+                for k in keys}
+    except ValueError:  # a row cut short by a kill
+        return fit
 
 
 def export_run(workdir: str, export_dir: Optional[str] = None) -> Dict[str, str]:
