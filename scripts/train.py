@@ -193,8 +193,8 @@ flags.DEFINE_enum("ascl_key_view", "weak", ["weak", "strong"],
                   "ASCL: key view, weak (crop + flip, official) or strong (the query's recipe).")
 flags.DEFINE_enum("moco_key_view", "weak", ["weak", "strong"],
                   "MoCo v2: key view, weak (as ASCL's official code) or strong (MoCo v2's).")
-flags.DEFINE_float("ascl_blur_p", 0.5, "ASCL: probability of the query's Gaussian blur (sigma "
-                   "0.1-2 px, official 0.5; 0 on the 8x8 digits).")
+flags.DEFINE_float("ascl_blur_p", 0.5, "ASCL: probability of the strong views' Gaussian blur "
+                   "(sigma 0.1-2 px, official 0.5).")
 flags.DEFINE_float("moco_blur_p", 0.5, "MoCo v2: probability of the views' Gaussian blur "
                    "(official 0.5).")
 flags.DEFINE_float("ascl_byol_crop_min_scale", 0.2, "ASCL-BYOL: smallest crop of the query view.")
