@@ -320,9 +320,9 @@ def _wrn_tf_usb(x, n, stage_filters, norm, bn_momentum, leaky_slope, padding, fo
     if usb:  # kaiming_normal_(mode="fan_out", nonlinearity="leaky_relu"): a = 0.01
         init = dict(kernel_initializer=keras.initializers.VarianceScaling(
             2.0 / (1 + 0.01 ** 2), "fan_out", "untruncated_normal"))
-        stem_kernel, stem_bias = _torch_default_init(9 * x.shape[-1])
-        x = _conv(16, 3, name="stem_conv", use_bias=True, kernel_initializer=init[
-            "kernel_initializer"], bias_initializer=stem_bias)(x)
+        _, stem_bias = _torch_default_init(9 * x.shape[-1])  # USB re-inits the kernel only
+        x = _conv(16, 3, name="stem_conv", use_bias=True, bias_initializer=stem_bias,
+                  **init)(x)
     else:
         init = {}
         x = _conv(16, 3, name="stem_conv")(x)
